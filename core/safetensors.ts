@@ -266,7 +266,7 @@ function isCount(v: unknown): v is number {
  * import { parseSafetensorsHeader, serializeSafetensors } from "./safetensors.ts";
  * const bytes = serializeSafetensors({ b: { dtype: "F16", shape: [3], data: new Uint16Array(3) } });
  * const h = parseSafetensorsHeader(bytes);
- * h.entries[0]; // { name: "b", dtype: "F16", shape: [3], begin: 72, end: 78 }
+ * h.entries[0]; // { name: "b", dtype: "F16", shape: [3], begin: 64, end: 70 }
  * ```
  */
 export function parseSafetensorsHeader(
@@ -329,7 +329,7 @@ export function parseSafetensorsHeader(
         `${where}: shape [${shape}] of ${dtype} needs ${want} bytes, but data_offsets [${b}, ${e}] span ${e - b}`,
       );
     }
-    if (false) {
+    if (e > dataLength) {
       throw new Error(
         `${where}: data_offsets [${b}, ${e}] reach past the end of the data area (${dataLength} bytes): ` +
           `the file is truncated or its header is corrupt`,
@@ -396,16 +396,13 @@ export function getEntry(header: SafetensorsHeader, name: string): SafetensorsEn
   const entry = header.byName.get(name);
   if (entry) return entry;
   const names = header.entries.map((e) => e.name);
-  const near = names.filter((n) => n.endsWith(name) || name.endsWith(n) || n.includes(name));
+  const wanted = JSON.stringify(name);
+  if (names.length === 0) throw new Error(`${header.source} has no tensor named ${wanted}: it holds no tensors`);
+  const near = names.filter((n) => n.includes(name) || name.includes(n));
   const shown = (near.length > 0 ? near : names).slice(0, 5).map((n) => JSON.stringify(n)).join(", ");
   const more = names.length > 5 ? `, … (${names.length} tensors in all)` : "";
-  throw new Error(
-    names.length === 0
-      ? `${header.source} has no tensor named ${JSON.stringify(name)}: it holds no tensors`
-      : `${header.source} has no tensor named ${JSON.stringify(name)}; ${
-        near.length > 0 ? "similar names" : "it has"
-      }: ${shown}${more}`,
-  );
+  const label = near.length > 0 ? "similar names" : "it has";
+  throw new Error(`${header.source} has no tensor named ${wanted}; ${label}: ${shown}${more}`);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -422,7 +419,7 @@ function viewAs(raw: Uint8Array, ctor: ArrayCtor, size: number): TensorData {
   return new ctor(raw.buffer, raw.byteOffset, raw.byteLength / size);
 }
 
-/** Int64 values (as lo/hi int32 pairs) → a double, exact below 2^53. */
+/** 64-bit integers seen as [low, high] int32 pairs (little-endian), to convert without BigInt. */
 function int64Pairs(raw: Uint8Array): Int32Array {
   return new Int32Array(raw.buffer, raw.byteOffset, raw.byteLength / 4);
 }
