@@ -17,8 +17,16 @@ import { add } from "./ops/elementwise.ts";
 import { contiguous } from "./ops/shape.ts";
 import { keep, scope } from "./scope.ts";
 import { fmtShape, type Tensor } from "./tensor.ts";
-import { getGpu } from "./gpu.ts";
-import { elementwise } from "./ops/dispatch.ts";
+import { getGpu, type Kernel } from "./gpu.ts";
+import { broadcastShapes, broadcastStrides, elementwise } from "./ops/dispatch.ts";
+import { gridFor, UniformWriter } from "./kernels/common.ts";
+import {
+  ACCUMULATE_UNIFORM_WORDS,
+  accumulateKernel,
+  type AccumulateMode,
+  inPlaceThreads,
+  OPTIM_WORKGROUP,
+} from "./kernels/optim.ts";
 
 /** Back-propagates from `root` (a scalar, or any shape with `grad` given). */
 export function runBackward(root: Tensor, grad?: Tensor): void {
@@ -125,15 +133,42 @@ function contiguousAs(g: Tensor, dtype: Tensor["dtype"]): Tensor {
   return elementwise("copy", "a", [g], { out: dtype });
 }
 
-/** `dst += src` in place (dst row-major f32/f16, src broadcastable to it). */
+const accumulateKernels = new Map<string, Kernel>();
+
+/**
+ * `dst += src` in place (dst row-major f32/f16, src broadcastable to it): one dispatch that binds `dst` once,
+ * read_write, so the open compute pass goes on. A `src` sharing `dst`'s memory is copied first (WebGPU cannot
+ * bind one buffer both read-only and writable in a dispatch).
+ */
 export function accumulateInto(dst: Tensor, src: Tensor): void {
-  const sum = elementwise("add", "a + b", [dst, src], { out: dst.dtype, shape: dst.shape });
-  getGpu().copy(
-    sum.storage.buffer,
-    0,
-    dst.storage.buffer,
-    dst.offset * (dst.dtype === "f16" ? 2 : 4),
-    sum.storage.bytes,
-  );
-  sum.dispose();
+  dst.assertAlive("accumulateInto");
+  src.assertAlive("accumulateInto");
+  if (dst.dtype !== "f32" && dst.dtype !== "f16") throw new Error(`accumulateInto: dst is ${dst.dtype}, not a float`);
+  if (!dst.isContiguous) throw new Error(`accumulateInto: dst of shape ${fmtShape(dst.shape)} is not row-major`);
+  const shape = dst.shape;
+  const b = src.numel === 1 ? shape : broadcastShapes([shape, src.shape], "accumulateInto");
+  if (b.length !== shape.length || b.some((d, i) => d !== shape[i])) {
+    throw new Error(`accumulateInto: ${fmtShape(src.shape)} does not broadcast to ${fmtShape(shape)}`);
+  }
+  const n = dst.numel;
+  if (n === 0) return;
+  if (src.storage === dst.storage) {
+    using copy = elementwise("copy", "a", [src], { out: src.dtype });
+    accumulateInto(dst, copy);
+    return;
+  }
+  const rank = Math.max(shape.length, 1);
+  const sameLayout = src.isContiguous && src.ndim === shape.length && src.shape.every((d, i) => d === shape[i]);
+  const mode: AccumulateMode = src.numel === 1 ? "scalar" : sameLayout ? "contiguous" : "strided";
+  const key = `${dst.dtype}|${src.dtype}|${mode}|${rank}`;
+  const gpu = getGpu();
+  let k = accumulateKernels.get(key);
+  if (!k) accumulateKernels.set(key, k = gpu.kernel(accumulateKernel(dst.dtype, src.dtype, mode, rank)));
+  const u = new UniformWriter(ACCUMULATE_UNIFORM_WORDS);
+  const s = shape.length ? shape : [1];
+  s.forEach((d, i) => u.u(i, d));
+  if (mode === "strided") broadcastStrides(src, shape).forEach((st, i) => u.u(8 + i, st));
+  u.u(16, n).u(17, dst.offset).u(18, src.offset);
+  const threads = inPlaceThreads(dst.dtype, n, dst.offset);
+  gpu.dispatch(k, [dst.buffer, src.buffer], u.u32, gridFor(threads, OPTIM_WORKGROUP));
 }

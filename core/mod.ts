@@ -47,6 +47,37 @@ export { cat, contiguous, expand, permute, reshape, slice, squeeze, transpose, u
 export { matmul, type MatmulOptions } from "./ops/matmul.ts";
 export { logSoftmax, softmax } from "./ops/softmax.ts";
 export {
+  crossEntropy,
+  type CrossEntropyOptions,
+  dropout,
+  type DropoutOptions,
+  embedding,
+  type Reduction,
+  rmsNorm,
+} from "./ops/nn.ts";
+export { attention, type AttentionOptions, attentionReference, rope, type RopeOptions } from "./ops/attention.ts";
+export {
+  AdamW,
+  type AdamWOptions,
+  type AdamWParamState,
+  type AdamWStateDict,
+  clipGradNorm,
+  scaleInPlace,
+  SGD,
+  type SGDOptions,
+  type SGDStateDict,
+} from "./optim.ts";
+export {
+  constant,
+  constantWithWarmup,
+  cosineWithWarmup,
+  type HasLearningRate,
+  linearWithWarmup,
+  type LRLambda,
+  LRScheduler,
+  warmupStepsFromRatio,
+} from "./schedule.ts";
+export {
   loadSafetensors,
   parseSafetensorsHeader,
   readSafetensorsHeader,

@@ -168,3 +168,22 @@ function fileError(e: unknown, path: string): Error {
   }
   return e instanceof Error && e.message.includes(path) ? e : new Error(`${path}: ${(e as Error)?.message ?? e}`);
 }
+
+/**
+ * Calls `fn` on Ctrl-C (SIGINT) instead of exiting; returns a function that stops listening. A second Ctrl-C
+ * exits at once. No-op where the runtime has no signals.
+ */
+export function onInterrupt(fn: () => void): () => void {
+  if (!deno?.addSignalListener) return () => {};
+  let count = 0;
+  const handler = () => {
+    if (++count > 1) deno.exit(130);
+    fn();
+  };
+  try {
+    deno.addSignalListener("SIGINT", handler);
+  } catch {
+    return () => {};
+  }
+  return () => deno.removeSignalListener("SIGINT", handler);
+}

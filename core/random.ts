@@ -76,3 +76,24 @@ export function manualSeed(seed: number): void {
 export function nextDraw(): { seed: number; offset: number } {
   return { seed: randomBitsCpu(globalSeed, draws++), offset: 0 };
 }
+
+/**
+ * The global generator's position, to replay draws exactly (gradient checkpointing recomputes a layer with the
+ * same dropout masks).
+ *
+ * @example
+ * ```ts
+ * const state = getRngState();
+ * // ... draws ...
+ * setRngState(state); // the same draws again
+ * ```
+ */
+export function getRngState(): { seed: number; draws: number } {
+  return { seed: globalSeed, draws };
+}
+
+/** Restores a position saved by {@linkcode getRngState}. @example `setRngState(state);` */
+export function setRngState(state: { seed: number; draws: number }): void {
+  globalSeed = state.seed >>> 0;
+  draws = state.draws;
+}

@@ -82,9 +82,9 @@ function close(frame: Frame, result: unknown): void {
   if (i >= 0) frames.splice(i, 1);
   const survivors = new Set<Tensor>();
   collect(result, survivors, 0);
-  // Nodes reachable from the survivors stay; every other node made here is released.
+  // Nodes reachable from the survivors (returned or kept tensors) stay; every other node made here is released.
   const reachable = new Set<unknown>();
-  const stack = [...survivors];
+  const stack = [...survivors, ...frame.tensors.filter((t) => t.kept && !t.disposed)];
   while (stack.length) {
     const t = stack.pop()!;
     const node = t.node;

@@ -52,9 +52,10 @@ export function softmaxKernel(spec: { log: boolean; input: DType }): KernelSourc
   acc = 0.0;
   for (var i = l; i < p.n; i += 256u) { acc += exp(ld(base + i) - mx); }
   ${REDUCE("sh[l] + sh[l + s]", "sum")}
-  ${spec.log ? "let lse = mx + log(sum);" : "let inv = 1.0 / sum;"}
+  ${spec.log ? "let ls = log(sum);" : "let inv = 1.0 / sum;"}
   for (var i = l; i < p.n; i += 256u) {
-    ${spec.log ? "y[ob + i] = ld(base + i) - lse;" : "y[ob + i] = exp(ld(base + i) - mx) * inv;"}
+    // (x − max) is exact near the max; folding max and log-sum first would round at the logits' magnitude.
+    ${spec.log ? "y[ob + i] = (ld(base + i) - mx) - ls;" : "y[ob + i] = exp(ld(base + i) - mx) * inv;"}
   }
 }`;
   return { name: spec.log ? "log_softmax" : "softmax", code, bindings: ["read", "write"], uniforms: true };

@@ -22,14 +22,26 @@ type Operand = Tensor | number;
 /** WGSL helpers shared by several expressions. */
 const MATH = `
 fn sigm(x: f32) -> f32 { if (x >= 0.0) { return 1.0 / (1.0 + exp(-x)); } let e = exp(x); return e / (1.0 + e); }
-fn tanhSafe(x: f32) -> f32 { let e = exp(-2.0 * abs(x)); return sign(x) * (1.0 - e) / (1.0 + e); }
-fn erfApprox(x: f32) -> f32 {
-  // Numerical Recipes erfc (Chebyshev fit, fractional error < 1.2e-7).
-  let z = abs(x);
+fn tanhSafe(x: f32) -> f32 {
+  let q = x * x;
+  if (q < 0.09) {
+    // |x| < 0.3: Taylor series to x^11 (next term < 2e-9 relative); 1 − e^(−2|x|) would cancel catastrophically.
+    return x * (1.0 + q * (-0.33333333333 + q * (0.13333333333 + q * (-0.053968253968 + q * (0.021869488536 +
+      q * -0.0088632355299)))));
+  }
+  let e = exp(-2.0 * abs(x));
+  return sign(x) * (1.0 - e) / (1.0 + e);
+}
+fn erfcPos(z: f32) -> f32 {
+  // erfc(z) for z ≥ 0: Numerical Recipes' Chebyshev fit, fractional error < 1.2e-7 (so the tail stays accurate).
   let t = 1.0 / (1.0 + 0.5 * z);
-  let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 +
+  return t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 +
     t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))));
-  return select(r - 1.0, 1.0 - r, x >= 0.0);
+}
+fn phi(x: f32) -> f32 {
+  // The normal CDF Φ(x) = erfc(−x/√2)/2, without forming 1 + erf(x/√2), which cancels for x ≪ 0.
+  let r = erfcPos(abs(x) * 0.70710678118654752);
+  return select(0.5 * r, 1.0 - 0.5 * r, x >= 0.0);
 }
 fn powf(x: f32, e: f32) -> f32 {
   if (e == 0.0) { return 1.0; }
@@ -72,14 +84,23 @@ function binary(name: string, expr: string, scalarExpr: string, a: Tensor, b: Op
  */
 export function add(a: Tensor, b: Operand): Tensor {
   const out = binary("add", "a + b", "a + p.c0", a, b);
-  if (!isTensorLike(b)) return record(out, "add", [a], [], (g) => [sumTo(g, a.shape)]);
+  if (!isTensorLike(b)) return record(out, "add", [a], [], (g) => [gradTo(g, a.shape)]);
   return record(
     out,
     "add",
     [a, b],
     [],
-    (g, _s, n) => [n[0] ? sumTo(g, a.shape) : null, n[1] ? sumTo(g, b.shape) : null],
+    (g, _s, n) => [n[0] ? gradTo(g, a.shape) : null, n[1] ? gradTo(g, b.shape) : null],
   );
+}
+
+/**
+ * `g` summed down to `shape`, always as a new handle: a backward rule must not return `g` itself (the caller
+ * disposes `g` after the rule) nor one tensor for two inputs (each input's gradient is owned separately).
+ */
+function gradTo(g: Tensor, shape: readonly number[]): Tensor {
+  const r = sumTo(g, shape);
+  return r === g ? g.detach() : r;
 }
 
 /**
@@ -92,13 +113,13 @@ export function add(a: Tensor, b: Operand): Tensor {
  */
 export function sub(a: Tensor, b: Operand): Tensor {
   const out = binary("sub", "a - b", "a - p.c0", a, b);
-  if (!isTensorLike(b)) return record(out, "sub", [a], [], (g) => [sumTo(g, a.shape)]);
+  if (!isTensorLike(b)) return record(out, "sub", [a], [], (g) => [gradTo(g, a.shape)]);
   return record(
     out,
     "sub",
     [a, b],
     [],
-    (g, _s, n) => [n[0] ? sumTo(g, a.shape) : null, n[1] ? negSum(g, b.shape) : null],
+    (g, _s, n) => [n[0] ? gradTo(g, a.shape) : null, n[1] ? negSum(g, b.shape) : null],
   );
 }
 
@@ -212,8 +233,8 @@ const UNARY: Record<string, UnaryDef> = {
   relu: { expr: "max(a, 0.0)", grad: "select(0.0, a, b > 0.0)", saves: "x" },
   // gelu(x) = x·Φ(x); gelu'(x) = Φ(x) + x·φ(x)
   gelu: {
-    expr: "0.5 * a * (1.0 + erfApprox(a * 0.70710678118654752))",
-    grad: "a * (0.5 * (1.0 + erfApprox(b * 0.70710678118654752)) + b * 0.39894228040143268 * exp(-0.5 * b * b))",
+    expr: "a * phi(a)",
+    grad: "a * (phi(b) + b * 0.39894228040143268 * exp(-0.5 * b * b))",
     saves: "x",
   },
   abs: { expr: "abs(a)", grad: "a * sign(b)", saves: "x" },
@@ -275,7 +296,7 @@ export function pow(x: Tensor, e: number): Tensor {
 // ---- comparisons, selection, casts ------------------------------------------------------------------------------
 
 function compare(name: string, op: string, a: Tensor, b: Operand): Tensor {
-  if (!isTensorLike(b)) return elementwise(name, `select(0.0, 1.0, a ${op} p.c0)`, [a], { out: "u32" });
+  if (!isTensorLike(b)) return elementwise(name, `select(0.0, 1.0, a ${op} p.c0)`, [a], { out: "u32", c0: b });
   return elementwise(name, `select(0.0, 1.0, a ${op} b)`, [a, b], { out: "u32" });
 }
 
@@ -319,13 +340,21 @@ export function where(cond: Tensor, a: Operand, b: Operand): Tensor {
     c1: isTensorLike(b) ? 0 : b,
   });
   const inputs = floats;
-  return record(out, "where", inputs, [cond], (g, [sc]) => {
+  return record(out, "where", inputs, [cond], (g, [sc], needs) => {
     const grads: (Tensor | null)[] = [];
     if (isTensorLike(a)) {
-      grads.push(reduced(elementwise("where_da", "select(0.0, a, b != 0.0)", [g, sc], { out: g.dtype }), a.shape));
+      grads.push(
+        needs[0]
+          ? reduced(elementwise("where_da", "select(0.0, a, b != 0.0)", [g, sc], { out: g.dtype }), a.shape)
+          : null,
+      );
     }
     if (isTensorLike(b)) {
-      grads.push(reduced(elementwise("where_db", "select(a, 0.0, b != 0.0)", [g, sc], { out: g.dtype }), b.shape));
+      grads.push(
+        needs[grads.length]
+          ? reduced(elementwise("where_db", "select(a, 0.0, b != 0.0)", [g, sc], { out: g.dtype }), b.shape)
+          : null,
+      );
     }
     return grads;
   });

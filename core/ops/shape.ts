@@ -343,6 +343,29 @@ export function cat(tensors: Tensor[], dim = 0): Tensor {
     "cat",
     tensors,
     [],
-    (g) => tensors.map((t, i) => slice(g, d, starts[i], starts[i] + t.shape[d]).contiguous()),
+    (g, _s, needs) =>
+      tensors.map((t, i) => (needs[i] ? slice(g, d, starts[i], starts[i] + t.shape[d]).contiguous() : null)),
   );
+}
+
+/**
+ * Writes `src` into `dst` starting at index `start` along `dim`, in place and without recording a gradient
+ * (`dst` must be row-major; used for KV caches).
+ *
+ * @example
+ * ```ts
+ * assignSlice(cacheK, k, 1, pastLength); // cacheK[:, past:past+T] = k
+ * ```
+ */
+export function assignSlice(dst: Tensor, src: Tensor, dim: number, start: number): void {
+  dst.assertAlive("assignSlice");
+  src.assertAlive("assignSlice");
+  const d = normDim(dim, dst.ndim, "assignSlice");
+  if (!dst.isContiguous) throw new Error("assignSlice: the destination must be contiguous");
+  if (src.ndim !== dst.ndim || src.shape.some((s, i) => (i === d ? start + s > dst.shape[i] : s !== dst.shape[i]))) {
+    throw new Error(
+      `assignSlice: cannot write ${fmtShape(src.shape)} into ${fmtShape(dst.shape)} at ${start} along dimension ${dim}`,
+    );
+  }
+  copyInto(dst, src, d, start);
 }

@@ -76,7 +76,8 @@ function along(x: Tensor, axis: number, log: boolean): Tensor {
   if (a !== x.ndim - 1) {
     using t = transpose(x, a, -1);
     using y = along(t, -1, log);
-    return transpose(y, a, -1).contiguous();
+    using back = transpose(y, a, -1); // a view: disposing it here keeps y's storage from leaking
+    return contiguous(back);
   }
   const y32 = forward(x, log);
   const out = x.dtype === "f16" ? cast(y32, "f16") : y32;
