@@ -16,7 +16,7 @@ import { parseArgs } from "@std/cli";
 import { init } from "../core/mod.ts";
 import { exists, isDirectory, joinPath } from "../core/platform.ts";
 import { Tokenizer } from "../data/tokenizer.ts";
-import { fromPretrained, generate, LlamaForCausalLM, loadLlama2c } from "../nn/mod.ts";
+import { fromPretrained, generate, type LlamaForCausalLM, loadLlama2c } from "../nn/mod.ts";
 
 const flags = parseArgs(Deno.args, {
   string: ["model", "tokenizer", "prompt", "max-new-tokens", "temperature", "top-p", "top-k", "seed", "dtype"],
