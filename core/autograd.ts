@@ -41,6 +41,9 @@ export class GradNode {
     this.rule = rule;
   }
 
+  /** True once a backward pass has run this node's rule (its saved tensors are gone). */
+  consumed = false;
+
   /** Frees the saved tensors. Safe to call twice. */
   release(): void {
     for (const t of this.saved) t.dispose();

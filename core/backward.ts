@@ -61,7 +61,7 @@ export function runBackward(root: Tensor, grad?: Tensor): void {
       const inGrads = scope(() => node.rule(g, node.saved, node.needs));
       g.dispose();
       node.release();
-      t.node = null;
+      node.consumed = true;
       node.inputs.forEach((inp, i) => {
         const gi = inGrads[i];
         if (!gi) return;
@@ -93,6 +93,12 @@ function topoOrder(root: Tensor): Tensor[] {
   while (stack.length) {
     const top = stack[stack.length - 1];
     const [t, i] = top;
+    if (t.node?.consumed) {
+      throw new Error(
+        `backward(): the graph through "${t.node.name}" was already used by an earlier backward() and freed; ` +
+          "run the forward pass again (webtune does not retain graphs)",
+      );
+    }
     const inputs = t.node?.inputs ?? [];
     if (i < inputs.length) {
       top[1]++;

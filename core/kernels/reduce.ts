@@ -31,7 +31,8 @@ export const REDUCE_UNIFORM_WORDS = 8;
 
 /** Generates a reduction kernel. */
 export function reduceKernel(spec: ReduceSpec): KernelSource {
-  const init = spec.op === "sum" ? "0.0" : "-3.402823e38";
+  // max starts from −∞ (bit pattern; WGSL has no infinity literal) so a row of −∞ reduces to −∞.
+  const init = spec.op === "sum" ? "0.0" : "bitcast<f32>(0xff800000u)";
   const comb = spec.op === "sum" ? "acc + v" : "max(acc, v)";
   const combWg = spec.op === "sum" ? "sh[l] + sh[l + s]" : "max(sh[l], sh[l + s])";
   const head = `struct Params { outer: u32, n: u32, inner: u32, off: u32, scale: f32 }

@@ -178,6 +178,11 @@ export function expand(x: Tensor, shape: number[]): Tensor {
   for (let i = 0; i < shape.length; i++) {
     const src = i - lead;
     const want = shape[i] === -1 && src >= 0 ? x.shape[src] : shape[i];
+    if (!Number.isInteger(want) || want < 0) {
+      throw new Error(
+        `expand: cannot expand ${fmtShape(x.shape)} to ${fmtShape(shape)} (-1 keeps an existing size only)`,
+      );
+    }
     if (src < 0) {
       out.push(want);
       strides.push(0);
@@ -247,6 +252,7 @@ const copyKernels = new Map<string, Kernel>();
  */
 function copyInto(dst: Tensor, src: Tensor, dim: number, start: number): void {
   const rank = Math.max(src.ndim, 1);
+  if (rank > 8) throw new Error(`copies into regions support up to 8 dimensions, got ${fmtShape(src.shape)}`);
   const f16 = dst.dtype === "f16";
   const key = `${src.dtype}|${dst.dtype}|${rank}`;
   const gpu = getGpu();
