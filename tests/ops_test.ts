@@ -1051,3 +1051,28 @@ Deno.test("matmul through the public API: forward and both gradients on odd size
     { relToMax: true },
   );
 });
+
+Deno.test("sum/max/mean of a long single row split over several workgroups equal the float64 reference", async () => {
+  const { fromArray } = await import("../mod.ts");
+  const { randomArray, assertClose } = await import("./helpers.ts");
+  const n = 200_003;
+  const data = randomArray(n, 11);
+  let s = 0, m = -Infinity;
+  for (const v of data) {
+    s += v;
+    m = Math.max(m, v);
+  }
+  const x = fromArray(data, [n]);
+  assertClose([await x.sum().item()], [s], { atol: 1e-3 * Math.sqrt(n) * 1e-3, rtol: 1e-4 });
+  assertClose([await x.mean().item()], [s / n], { atol: 1e-6, rtol: 1e-4 });
+  assertClose([await x.max().item()], [m], { rtol: 0 });
+  const two = fromArray(data.subarray(0, 2 * 100_001), [2, 100_001]);
+  const rows = await two.sum(1).toArray();
+  let r0 = 0, r1 = 0;
+  for (let i = 0; i < 100_001; i++) {
+    r0 += data[i];
+    r1 += data[100_001 + i];
+  }
+  assertClose(rows, [r0, r1], { atol: 1e-3, rtol: 1e-4 });
+  for (const t of [x, two]) t.dispose();
+});

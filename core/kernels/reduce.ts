@@ -26,7 +26,7 @@ export interface ReduceSpec {
   rows: boolean;
 }
 
-/** Uniform words: outer, n, inner, input offset, scale. */
+/** Uniform words: outer, n, inner, input offset, scale, parts (workgroups per row, rows kernel). */
 export const REDUCE_UNIFORM_WORDS = 8;
 
 /** Generates a reduction kernel. */
@@ -35,7 +35,7 @@ export function reduceKernel(spec: ReduceSpec): KernelSource {
   const init = spec.op === "sum" ? "0.0" : "bitcast<f32>(0xff800000u)";
   const comb = spec.op === "sum" ? "acc + v" : "max(acc, v)";
   const combWg = spec.op === "sum" ? "sh[l] + sh[l + s]" : "max(sh[l], sh[l + s])";
-  const head = `struct Params { outer: u32, n: u32, inner: u32, off: u32, scale: f32 }
+  const head = `struct Params { outer: u32, n: u32, inner: u32, off: u32, scale: f32, parts: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 ${storageDecl(1, "x", spec.input, "read")}
 ${storageDecl(2, "y", spec.out === "f16" ? "f32" : spec.out, "read_write")}
@@ -51,18 +51,21 @@ var<workgroup> sh: array<f32, 256>;
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) l: u32) {
-  let row = wid.x + wid.y * nwg.x;
+  // Workgroup w reduces part (w % parts) of row (w / parts): a long row is split over several workgroups, whose
+  // partial results a second pass combines.
+  let w = wid.x + wid.y * nwg.x;
+  let row = w / p.parts;
   if (row >= p.outer) { return; }
   let base = p.off + row * p.n;
   var acc = ${init};
-  for (var i = l; i < p.n; i += 256u) { let v = ld(base + i); acc = ${comb}; }
+  for (var i = (w % p.parts) * 256u + l; i < p.n; i += 256u * p.parts) { let v = ld(base + i); acc = ${comb}; }
   sh[l] = acc;
   workgroupBarrier();
   for (var s = 128u; s > 0u; s >>= 1u) {
     if (l < s) { sh[l] = ${combWg}; }
     workgroupBarrier();
   }
-  if (l == 0u) { y[row] = sh[0] * ${spec.op === "sum" ? "p.scale" : "1.0"}; }
+  if (l == 0u) { y[w] = sh[0] * ${spec.op === "sum" ? "p.scale" : "1.0"}; }
 }`,
     };
   }

@@ -46,15 +46,42 @@ function reduce3(
   scale: number,
   shape: Shape,
 ): Tensor {
+  if (inner === 1 && outer <= 64 && n >= 65536) {
+    // Few long rows: split each over several workgroups, then combine the partial results.
+    const parts = Math.min(256, Math.ceil(n / 16384));
+    using partial = reduceRows(op, x, outer, n, parts, 1, [outer * parts]);
+    return reduceRows(op, partial, outer, parts, 1, scale, shape);
+  }
+  if (inner === 1) return reduceRows(op, x, outer, n, 1, scale, shape);
   const y = Tensor.empty(shape, "f32");
   if (outer * inner === 0) return y;
-  const rows = inner === 1;
-  const key = `${op}|${x.dtype}|${rows}`;
+  const key = `${op}|${x.dtype}|false`;
   const gpu = getGpu();
   let k = kernels.get(key);
-  if (!k) kernels.set(key, k = gpu.kernel(reduceKernel({ op, input: x.dtype, out: "f32", rows })));
-  const u = new UniformWriter(8).u(0, outer).u(1, n).u(2, inner).u(3, x.offset).f(4, scale);
-  gpu.dispatch(k, [x.storage.buffer, y.storage.buffer], u.u32, rows ? rowGrid(outer) : gridFor(outer * inner, 256));
+  if (!k) kernels.set(key, k = gpu.kernel(reduceKernel({ op, input: x.dtype, out: "f32", rows: false })));
+  const u = new UniformWriter(8).u(0, outer).u(1, n).u(2, inner).u(3, x.offset).f(4, scale).u(5, 1);
+  gpu.dispatch(k, [x.storage.buffer, y.storage.buffer], u.u32, gridFor(outer * inner, 256));
+  return y;
+}
+
+/** Reduces each of `outer` contiguous rows of length `n`, each split over `parts` workgroups (→ outer·parts values). */
+function reduceRows(
+  op: "sum" | "max",
+  x: Tensor,
+  outer: number,
+  n: number,
+  parts: number,
+  scale: number,
+  shape: Shape,
+): Tensor {
+  const y = Tensor.empty(shape, "f32");
+  if (outer === 0) return y;
+  const key = `${op}|${x.dtype}|true`;
+  const gpu = getGpu();
+  let k = kernels.get(key);
+  if (!k) kernels.set(key, k = gpu.kernel(reduceKernel({ op, input: x.dtype, out: "f32", rows: true })));
+  const u = new UniformWriter(8).u(0, outer).u(1, n).u(2, 1).u(3, x.offset).f(4, scale).u(5, parts);
+  gpu.dispatch(k, [x.storage.buffer, y.storage.buffer], u.u32, rowGrid(outer * parts));
   return y;
 }
 
