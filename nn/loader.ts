@@ -34,6 +34,7 @@ import {
 } from "../core/safetensors.ts";
 import { f32ArrayToF16 } from "../core/half.ts";
 import type { Tensor } from "../core/tensor.ts";
+import type { QuantizationConfig } from "../quant/quantize_model.ts";
 import { isPlaceholder, withDeferredInit } from "./layers.ts";
 import { type LlamaConfig, llamaConfigFromHF, LlamaForCausalLM } from "./llama.ts";
 import type { Module } from "./module.ts";
@@ -49,6 +50,12 @@ export interface PretrainedOptions {
    * uses this to turn a Linear into a Linear4bit before the next weight is read).
    */
   onWeight?: (model: Module, name: string, weight: Tensor) => void;
+  /**
+   * Quantize the linear layers while loading (QLoRA), e.g. `{ type: "nf4", blockSize: 64, doubleQuant: true, skip:
+   * ["lm_head"] }`: each `Linear` becomes an NF4 `Linear4bit` as soon as its weights have arrived and its
+   * full-precision weight is freed, so the whole model never sits on the GPU in f16/f32 (see quant/quantize_model.ts).
+   */
+  quantization?: QuantizationConfig;
 }
 
 /** Keys some checkpoints carry that are derived state, not weights. */
@@ -81,6 +88,19 @@ export async function fromPretrained(dir: string, opts: PretrainedOptions = {}):
   const onDisk = headers.flatMap((h) => h.entries.map((e) => e.dtype));
   const dtype: DType = opts.dtype ?? (onDisk.includes("F32") ? "f32" : "f16");
   const model = withDeferredInit(() => new LlamaForCausalLM(config, { dtype }));
+  if (opts.quantization) {
+    // Loaded on demand: nn does not depend on quant unless a quantized load is asked for.
+    const { quantizeOnLoad } = await import("../quant/quantize_model.ts");
+    const quantize = quantizeOnLoad(model, opts.quantization);
+    const user = opts.onWeight;
+    opts = {
+      ...opts,
+      onWeight: (m, name, weight) => {
+        user?.(m, name, weight);
+        quantize(m, name);
+      },
+    };
+  }
   await loadWeights(model, headers, dtype, opts);
   return model;
 }

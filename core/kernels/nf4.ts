@@ -76,8 +76,7 @@ function nibbleShift(j: number): number {
 
 /** WGSL expression for the 4-bit index of element `j` (constant 0..7) of word expression `w`. */
 function nibble(w: string, j: number): string {
-  const s = nibbleShift(j);
-  return s === 0 ? `(${w} & 15u)` : `((${w} >> ${s}u) & 15u)`;
+  return `extractBits(${w}, ${nibbleShift(j)}u, 4u)`;
 }
 
 function checkCode(code: Float32Array): void {
@@ -544,7 +543,9 @@ function nf4Loader(s: Nf4GemmSpec, threads: number): LoaderCode {
       const along = `((${v}) & ${perRow - 1}u) * 8u`;
       const across = `(${v}) >> ${lg(perRow)}u`;
       out.pre.push(
-        forward ? `let lkB${i} = ${along}; let lnB${i} = ${across};` : `let lnB${i} = ${along}; let lkB${i} = ${across};`,
+        forward
+          ? `let lkB${i} = ${along}; let lnB${i} = ${across};`
+          : `let lnB${i} = ${along}; let lkB${i} = ${across};`,
       );
       out.decls.push(`var wB${i}: u32; var sB${i}: f32;`);
       const e = forward ? `(tileN + lnB${i}) * p.K + k0 + lkB${i}` : `(k0 + lkB${i}) * p.N + tileN + lnB${i}`;
@@ -670,7 +671,9 @@ export function nf4GemmKernel(s: Nf4GemmSpec): KernelSource {
         } else if (s.out === "f32") {
           for (let q = 0; q < 4; q++) row.push(`if (${n} + ${q}u < p.N) { C[rowC + ${n} + ${q}u] = ${c}[${q}]; }`);
         } else if (s.outVec === 4) {
-          row.push(`if (${n} < p.N) { C[(rowC + ${n}) >> 2u] = vec2<u32>(packF16(${c}.x, ${c}.y), packF16(${c}.z, ${c}.w)); }`);
+          row.push(
+            `if (${n} < p.N) { C[(rowC + ${n}) >> 2u] = vec2<u32>(packF16(${c}.x, ${c}.y), packF16(${c}.z, ${c}.w)); }`,
+          );
         } else {
           for (const q of [0, 2]) {
             const h = q === 0 ? `${c}.x, ${c}.y` : `${c}.z, ${c}.w`;
@@ -742,8 +745,10 @@ export interface Nf4GemvSpec {
   unit: 8 | 32;
   /** Threads per workgroup. */
   threads: number;
-  /** Rows of W per workgroup (threads / rowsPerGroup lanes stream each row, a power of two). */
+  /** Rows of W per workgroup. */
   rowsPerGroup: number;
+  /** Rows of W per thread (1, 2 or 4), sharing each load of x; threads·rowsPerThread/rowsPerGroup lanes per row. */
+  rowsPerThread: number;
   /** Elements per NF4 block (≥ unit). */
   blockSize: number;
   /** Where the absmax comes from. */
@@ -754,14 +759,18 @@ export interface Nf4GemvSpec {
 
 /**
  * Generates the dequantize-GEMV; dispatch `rowGrid(ceil(N / rowsPerGroup))` workgroups. Bindings: x (read),
- * packed W (read), the absmax bindings (read), the output (write). Each lane streams units of 8 or 32 weights of
- * its row (4 or 16 bytes per load), looks their codes up in a 16-entry workgroup table, takes the dot product
- * with x, and adds `absmax · dot` (the unit lies in one block); lanes are summed in workgroup memory. Weight
- * traffic is the packed nibbles plus one absmax (or one byte, with double quantization) per block.
+ * packed W (read), the absmax bindings (read), the output (write). A thread owns `rowsPerThread` rows of W and a
+ * strided share of their units of 8 or 32 weights (4 or 16 bytes per load); each unit of x is loaded once for all
+ * of the thread's rows. Codes come from a 16-entry workgroup table (one conflict-free lookup per weight), the dot
+ * product with x is scaled by the unit's absmax (a unit lies in one block), and lanes are summed in workgroup
+ * memory. Weight traffic is the packed nibbles plus one absmax (or one byte, with double quantization) per block.
  */
 export function nf4GemvKernel(s: Nf4GemvSpec): KernelSource {
-  const T = s.threads, R = s.rowsPerGroup, TPR = T / R, MR = s.rows, U = s.unit;
-  if (!isPow2(TPR) || !Number.isInteger(TPR)) throw new Error(`nf4 gemv: threads ${T} / rows ${R} must be a power of 2`);
+  const T = s.threads, R = s.rowsPerGroup, RPT = s.rowsPerThread, MR = s.rows, U = s.unit;
+  const G = R / RPT, TPR = T / G;
+  if (![1, 2, 4].includes(RPT) || !Number.isInteger(G) || !isPow2(TPR)) {
+    throw new Error(`nf4 gemv: ${T} threads, ${R} rows per group, ${RPT} per thread do not give 2^n lanes per row`);
+  }
   if (MR < 1 || MR > 4) throw new Error(`nf4 gemv: rows ${MR} must be 1 to 4`);
   if (s.blockSize < U) throw new Error(`nf4 gemv: block size ${s.blockSize} below the unit ${U}`);
   if (s.out === "f16" && R % 2 !== 0) throw new Error("nf4 gemv: f16 output needs an even rowsPerGroup");
@@ -769,51 +778,69 @@ export function nf4GemvKernel(s: Nf4GemvSpec): KernelSource {
   const src = absmaxSource(s.absmax, 3, T);
   const words = U / 8;
   const body: string[] = [];
-  body.push(U === 32 ? "let wv = W[e >> 5u];" : "let wv = W[e >> 3u];");
-  const wordExpr = (j: number) => (U === 32 ? `wv[${j}]` : "wv");
-  for (let j = 0; j < words; j++) {
-    const w = wordExpr(j);
-    body.push(
-      `let ca${j} = vec4<f32>(${[0, 1, 2, 3].map((q) => `nf4Lut[${nibble(w, q)}]`).join(", ")});`,
-      `let cb${j} = vec4<f32>(${[4, 5, 6, 7].map((q) => `nf4Lut[${nibble(w, q)}]`).join(", ")});`,
-    );
+  for (let r = 0; r < RPT; r++) {
+    body.push(`let s${r} = absmaxAt((rowE${r} + kx) >> ${lg(s.blockSize)}u);`);
+    body.push(U === 32 ? `let wv${r} = W[(rowE${r} + kx) >> 5u];` : `let wv${r} = W[(rowE${r} + kx) >> 3u];`);
+    for (let m = 0; m < MR; m++) body.push(`var d${r}_${m} = 0.0;`);
   }
-  for (let m = 0; m < MR; m++) {
-    const terms: string[] = [];
-    for (let j = 0; j < words; j++) {
+  for (let j = 0; j < words; j++) {
+    // x for elements kx + 8j … kx + 8j + 7 of every row of x, shared by the thread's rows of W.
+    for (let m = 0; m < MR; m++) {
       const xe = `xrow${m} + kx + ${8 * j}u`;
       if (s.x === "f32") {
-        terms.push(`dot(ca${j}, A[(${xe}) >> 2u]) + dot(cb${j}, A[((${xe}) >> 2u) + 1u])`);
+        body.push(`let xa${m} = A[(${xe}) >> 2u]; let xb${m} = A[((${xe}) >> 2u) + 1u];`);
       } else {
-        body.push(`let xv${m}_${j} = A[(${xe}) >> 3u];`);
-        terms.push(
-          `dot(ca${j}, vec4<f32>(unpack2x16float(xv${m}_${j}.x), unpack2x16float(xv${m}_${j}.y))) + ` +
-            `dot(cb${j}, vec4<f32>(unpack2x16float(xv${m}_${j}.z), unpack2x16float(xv${m}_${j}.w)))`,
+        body.push(
+          `let xv${m} = A[(${xe}) >> 3u]; ` +
+            `let xa${m} = vec4<f32>(unpack2x16float(xv${m}.x), unpack2x16float(xv${m}.y)); ` +
+            `let xb${m} = vec4<f32>(unpack2x16float(xv${m}.z), unpack2x16float(xv${m}.w));`,
         );
       }
     }
-    body.push(`acc${m} = fma(s, ${terms.join(" + ")}, acc${m});`);
+    for (let r = 0; r < RPT; r++) {
+      const w = U === 32 ? `wv${r}[${j}]` : `wv${r}`;
+      body.push(
+        `{ let ca = vec4<f32>(${[0, 1, 2, 3].map((q) => `nf4Lut[${nibble(w, q)}]`).join(", ")});`,
+        `  let cb = vec4<f32>(${[4, 5, 6, 7].map((q) => `nf4Lut[${nibble(w, q)}]`).join(", ")});`,
+        ...Array.from({ length: MR }, (_, m) => `  d${r}_${m} += dot(ca, xa${m}) + dot(cb, xb${m});`),
+        "}",
+      );
+    }
+    if (j + 1 < words) body.push("{"); // scope the next word's x registers
   }
+  for (let j = 1; j < words; j++) body.push("}");
+  for (let r = 0; r < RPT; r++) {
+    for (let m = 0; m < MR; m++) body.push(`acc${r}_${m} = fma(s${r}, d${r}_${m}, acc${r}_${m});`);
+  }
+  const slot = (m: number, r: number) => (m * RPT + r) * T;
   const reduce: string[] = [];
   for (let h = TPR / 2; h >= 1; h /= 2) {
-    const adds = Array.from({ length: MR }, (_, m) => `red[${m * T}u + lid] += red[${m * T}u + lid + ${h}u];`).join(" ");
-    reduce.push(`if (lane < ${h}u) { ${adds} }\n  workgroupBarrier();`);
+    const adds: string[] = [];
+    for (let m = 0; m < MR; m++) {
+      for (let r = 0; r < RPT; r++) adds.push(`red[${slot(m, r)}u + lid] += red[${slot(m, r)}u + lid + ${h}u];`);
+    }
+    reduce.push(`if (lane < ${h}u) { ${adds.join(" ")} }\n  workgroupBarrier();`);
   }
+  // Row rr of the workgroup belongs to group rr / RPT, thread row rr % RPT; its sum sits at its group's lane 0.
+  const sumOf = (m: string, rr: string) =>
+    `red[(${m} * ${RPT}u + (${rr}) % ${RPT}u) * ${T}u + ((${rr}) / ${RPT}u) * ${TPR}u]`;
   const write = s.out === "f32"
     ? `if (lid < ${MR * R}u) {
     let m = lid / ${R}u;
-    let r = lid % ${R}u;
-    let n = n0 + r;
-    if (n < p.N) { C[p.offC + m * p.ldc + n] = red[m * ${T}u + r * ${TPR}u]; }
+    let rr = lid % ${R}u;
+    let n = n0 + rr;
+    if (n < p.N) { C[p.offC + m * p.ldc + n] = ${sumOf("m", "rr")}; }
   }`
     : `if (lid < ${(MR * R) / 2}u) {
     let m = lid / ${R / 2}u;
-    let j = (lid % ${R / 2}u) * 2u;
-    let n = n0 + j;
-    if (n < p.N) {
-      C[(p.offC + m * p.ldc + n) >> 1u] = packF16(red[m * ${T}u + j * ${TPR}u], red[m * ${T}u + (j + 1u) * ${TPR}u]);
-    }
+    let rr = (lid % ${R / 2}u) * 2u;
+    let n = n0 + rr;
+    if (n < p.N) { C[(p.offC + m * p.ldc + n) >> 1u] = packF16(${sumOf("m", "rr")}, ${sumOf("m", "rr + 1u")}); }
   }`;
+  const accs: string[] = [];
+  for (let r = 0; r < RPT; r++) for (let m = 0; m < MR; m++) accs.push(`var acc${r}_${m} = 0.0;`);
+  const saves: string[] = [];
+  for (let r = 0; r < RPT; r++) for (let m = 0; m < MR; m++) saves.push(`red[${slot(m, r)}u + lid] = acc${r}_${m};`);
   const code = `${MATMUL_PARAMS}
 @group(0) @binding(1) var<storage, read> A: array<${s.x === "f32" ? "vec4<f32>" : "vec4<u32>"}>;
 @group(0) @binding(2) var<storage, read> W: array<${U === 32 ? "vec4<u32>" : "u32"}>;
@@ -821,7 +848,7 @@ ${src.decl}
 @group(0) @binding(${3 + src.count}) var<storage, read_write> C: array<${s.out === "f32" ? "f32" : "u32"}>;
 ${PACK_F16}
 ${lut.decl}
-var<workgroup> red: array<f32, ${MR * T}>;
+var<workgroup> red: array<f32, ${MR * RPT * T}>;
 @compute @workgroup_size(${T})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -830,26 +857,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   workgroupBarrier();
   let n0 = (wid.x + wid.y * nwg.x) * ${R}u;
   let lane = lid % ${TPR}u;
-  let n = n0 + lid / ${TPR}u;
-  ${Array.from({ length: MR }, (_, m) => `var acc${m} = 0.0;`).join(" ")}
-  if (n < p.N) {
+  let first = n0 + (lid / ${TPR}u) * ${RPT}u;
+  ${accs.join(" ")}
+  if (first < p.N) {
     let units = p.K / ${U}u;
-    let rowE = n * p.K;
+    // Rows past N repeat the last row (loads stay in bounds; their sums are never written).
+    ${Array.from({ length: RPT }, (_, r) => `let rowE${r} = min(first + ${r}u, p.N - 1u) * p.K;`).join(" ")}
     ${Array.from({ length: MR }, (_, m) => `let xrow${m} = p.offA + ${m}u * p.lda;`).join(" ")}
     for (var u = lane; u < units; u += ${TPR}u) {
       let kx = u * ${U}u;
-      let e = rowE + kx;
-      let s = absmaxAt(e >> ${lg(s.blockSize)}u);
       ${body.join("\n      ")}
     }
   }
-  ${Array.from({ length: MR }, (_, m) => `red[${m * T}u + lid] = acc${m};`).join(" ")}
+  ${saves.join(" ")}
   workgroupBarrier();
   ${reduce.join("\n  ")}
   ${write}
 }`;
   return {
-    name: `nf4_gemv_${s.x}_r${MR}_u${U}_b${s.blockSize}_${s.absmax}_${R}x${TPR}_${s.out}`,
+    name: `nf4_gemv_${s.x}_r${MR}_u${U}_b${s.blockSize}_${s.absmax}_${R}x${RPT}x${TPR}_${s.out}`,
     code,
     bindings: ["read", "read", ...Array<"read">(src.count).fill("read"), "write"],
     uniforms: true,

@@ -30,7 +30,6 @@ import {
   type GemmKernelSpec,
   gemvNKernel,
   gemvTKernel,
-  TILE_LARGE,
   type TileConfig,
   tileName,
   tileSharedBytes,
@@ -78,23 +77,26 @@ export interface GemmShape {
 export const TARGET_GROUPS = 264;
 
 /**
- * Tile configs per shape class (tuned on the H200; see bench/NOTES.md). The chooser picks only from these, and
- * the tests run each of them.
+ * Tile configs per shape class. Measured on the H200 through Deno (bench/NOTES.md, 2026-11-29): 128×64 tiles
+ * with 8×8 per thread (128 threads, BK 8, double-buffered) beat 128×128 at 4096³ (35.3 vs 31.2 TFLOP/s f32)
+ * and 8192³ (36.2 vs 31.3 f32, 38.0 vs 31.7 f16), and reach 31–33 TFLOP/s on the 7B LoRA shapes, so the large
+ * and medium classes share it; the thin classes and split-K reach or beat cuBLAS on the rank-16 products. The
+ * chooser picks only from these, and the tests run each of them.
  */
 export const GEMM_TILES: Readonly<Record<string, TileConfig>> = {
   /** M, N ≥ 1024 and M·N ≥ 2048²: square-ish GEMMs. */
-  large: TILE_LARGE,
+  large: { bm: 128, bn: 64, bk: 8, tm: 8, tn: 8, pipeline: "double", swizzle: 0 },
   /** M·N ≥ 256K: e.g. 512 tokens × 4096 features. */
   medium: { bm: 128, bn: 64, bk: 8, tm: 8, tn: 8, pipeline: "double", swizzle: 0 },
   /** Everything smaller. */
   small: { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4, pipeline: "double", swizzle: 0 },
-  /** N ≤ 16 (LoRA x·Aᵀ at rank ≤ 16). */
+  /** N ≤ 16 (LoRA x·Aᵀ at rank ≤ 16), with split-K. */
   thinN16: { bm: 64, bn: 16, bk: 16, tm: 4, tn: 4, pipeline: "double", swizzle: 0 },
-  /** 16 < N ≤ 64 (ranks up to 64). */
+  /** 16 < N ≤ 64 (ranks up to 64), with split-K. */
   thinN64: { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4, pipeline: "double", swizzle: 0 },
-  /** M ≤ 16 (LoRA weight gradient dA = (G·B)ᵀ·X at rank ≤ 16). */
+  /** M ≤ 16 (LoRA weight gradient dA = (G·B)ᵀ·X at rank ≤ 16), with split-K. */
   thinM16: { bm: 16, bn: 128, bk: 16, tm: 4, tn: 4, pipeline: "double", swizzle: 0 },
-  /** 16 < M ≤ 64. */
+  /** 16 < M ≤ 64, with split-K. */
   thinM64: { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4, pipeline: "double", swizzle: 0 },
 };
 
@@ -337,11 +339,13 @@ function runJob(job: Job): GemmPlan {
     dispatchChunks(k, [Math.ceil(N / tile.bn), Math.ceil(M / tile.bm)]);
   } else if (plan.kind === "gemvT") {
     const vec = vecWidth(b, 8, B.ld, B.off, B.bs, K);
+    const xw = a === "f32" ? Math.min(vec, 4) : vec;
     const spec = {
       a,
       b,
       vec,
-      vecX: vecWidth(a, vec, A.ld, A.off, A.bs, K) === vec,
+      // x is read as wide as W (an f32 x next to 8-wide f16 W loads: two vec4 loads, which need 4-alignment)
+      vecX: vecWidth(a, xw, A.ld, A.off, A.bs, K) === xw,
       rows: M === 1 ? 1 : 4,
       rowsPerGroup: plan.rowsPerGroup,
       threads: plan.threads,
