@@ -132,19 +132,23 @@ export class Module {
     return found[1];
   }
 
-  /** Replaces the submodule at a dotted path (used by quantization and LoRA injection). */
+  /** Replaces the submodule at a dotted path (used by quantization and LoRA injection); list items too. */
   setSubmodule(path: string, m: Module): void {
     const dot = path.lastIndexOf(".");
-    const parent = this.getSubmodule(dot < 0 ? "" : path.slice(0, dot));
     const last = path.slice(dot + 1);
-    const rec = parent as unknown as Record<string, unknown>;
-    if (/^\d+$/.test(last)) {
-      const d2 = path.slice(0, dot).lastIndexOf(".");
-      const listName = path.slice(d2 + 1, dot);
-      const owner = this.getSubmodule(d2 < 0 ? "" : path.slice(0, d2)) as unknown as Record<string, Module[]>;
-      owner[listName][Number(last)] = m;
+    if (/^\d+$/.test(last) && dot > 0) {
+      // "model.layers.3": item 3 of the list property "layers" of "model".
+      const listPath = path.slice(0, dot);
+      const d2 = listPath.lastIndexOf(".");
+      const owner = this.getSubmodule(d2 < 0 ? "" : listPath.slice(0, d2)) as unknown as Record<string, unknown>;
+      const list = owner[listPath.slice(d2 + 1)];
+      if (!Array.isArray(list) || !(list[Number(last)] instanceof Module)) {
+        throw new Error(`No submodule "${path}" to replace`);
+      }
+      list[Number(last)] = m;
       return;
     }
+    const rec = this.getSubmodule(dot < 0 ? "" : path.slice(0, dot)) as unknown as Record<string, unknown>;
     if (!(rec[last] instanceof Module)) throw new Error(`No submodule "${path}" to replace`);
     rec[last] = m;
   }

@@ -20,7 +20,8 @@
  */
 import { getGpu } from "../core/gpu.ts";
 import { memoryStats } from "../core/memory.ts";
-import { AdamW, clipGradNorm } from "../core/optim.ts";
+import { AdamW, type AdamWStateDict, clipGradNorm } from "../core/optim.ts";
+import { loadSafetensors, saveSafetensors, type TensorToSave } from "../core/safetensors.ts";
 import { constant, cosineWithWarmup, linearWithWarmup, LRScheduler, warmupStepsFromRatio } from "../core/schedule.ts";
 import {
   appendText,
@@ -283,6 +284,9 @@ export class Trainer {
       writeProgress(log.length ? progressLine(log[log.length - 1], totalSteps, startStep) : "no steps", true);
     }
     await this.checkpoint(steps, opt, sched);
+    // The optimizer's state (two f32 tensors per trainable parameter) is not needed past the checkpoint: free it,
+    // so that a second run in the same process (sst2_compare: LoRA, then QLoRA) does not start with it resident.
+    opt.dispose();
     await saveAdapter(model, joinPath(cfg.outDir, "adapter"));
     if (this.evaluate && !interrupted) evalResult = await this.runEval(steps);
     return { steps, log, trainSeconds, peakBytes, eval: evalResult, interrupted };
@@ -299,14 +303,32 @@ export class Trainer {
     }
   }
 
-  /** Saves adapter + optimizer state + position into `outDir/checkpoint-<step>` and `outDir/last-checkpoint`. */
+  /**
+   * Saves adapter + optimizer state + position into `outDir/last-checkpoint`: the adapter in PEFT's format, AdamW's
+   * moment estimates in `optimizer.safetensors` (they are as large as two copies of the adapter), and the step,
+   * scheduler and per-parameter step counts in `trainer_state.json`.
+   */
   private async checkpoint(step: number, opt: AdamW, sched: LRScheduler): Promise<void> {
     const dir = joinPath(this.cfg.outDir, "last-checkpoint");
     await saveAdapter(this.model, dir);
     const state = await opt.stateDict();
+    const tensors: Record<string, TensorToSave> = {};
+    const steps: Record<string, number> = {};
+    for (const [i, s] of Object.entries(state.state)) {
+      tensors[`state.${i}.exp_avg`] = { dtype: "F32", shape: [s.expAvg.length], data: s.expAvg };
+      tensors[`state.${i}.exp_avg_sq`] = { dtype: "F32", shape: [s.expAvgSq.length], data: s.expAvgSq };
+      steps[i] = s.step;
+    }
+    await saveSafetensors(joinPath(dir, "optimizer.safetensors"), tensors);
     await writeText(
       joinPath(dir, "trainer_state.json"),
-      JSON.stringify({ step, scheduler: sched.stateDict(), optimizer: serialiseState(state), seed: this.cfg.seed }) +
+      JSON.stringify({
+        step,
+        seed: this.cfg.seed,
+        scheduler: sched.stateDict(),
+        paramGroups: state.paramGroups,
+        steps,
+      }) +
         "\n",
     );
   }
@@ -314,28 +336,22 @@ export class Trainer {
   private async resume(dir: string, opt: AdamW, sched: LRScheduler): Promise<number> {
     const statePath = joinPath(dir, "trainer_state.json");
     if (!(await exists(statePath))) throw new Error(`--resume ${dir}: no trainer_state.json there (not a checkpoint)`);
-    const state = JSON.parse(await readText(statePath));
-    if (state.seed !== this.cfg.seed) {
-      throw new Error(`--resume ${dir}: it was trained with seed ${state.seed}, this run has seed ${this.cfg.seed}`);
+    const saved = JSON.parse(await readText(statePath));
+    if (saved.seed !== this.cfg.seed) {
+      throw new Error(`--resume ${dir}: it was trained with seed ${saved.seed}, this run has seed ${this.cfg.seed}`);
     }
     await loadAdapter(this.model, dir);
-    opt.loadStateDict(deserialiseState(state.optimizer));
-    sched.loadStateDict(state.scheduler);
-    return state.step as number;
+    const moments = await loadSafetensors(joinPath(dir, "optimizer.safetensors"), { as: "f32" });
+    const state: AdamWStateDict["state"] = {};
+    for (const [i, step] of Object.entries(saved.steps as Record<string, number>)) {
+      const m = moments.get(`state.${i}.exp_avg`), v = moments.get(`state.${i}.exp_avg_sq`);
+      if (!m || !v) throw new Error(`--resume ${dir}: optimizer.safetensors lacks the state of parameter ${i}`);
+      state[Number(i)] = { step, expAvg: m.data as Float32Array, expAvgSq: v.data as Float32Array };
+    }
+    opt.loadStateDict({ state, paramGroups: saved.paramGroups });
+    sched.loadStateDict(saved.scheduler);
+    return saved.step as number;
   }
-}
-
-type OptState = Awaited<ReturnType<AdamW["stateDict"]>>;
-
-function serialiseState(s: OptState): unknown {
-  return JSON.parse(JSON.stringify(s, (_k, v) => (v instanceof Float32Array ? { f32: Array.from(v) } : v)));
-}
-
-function deserialiseState(s: unknown): OptState {
-  return JSON.parse(
-    JSON.stringify(s),
-    (_k, v) => (v && typeof v === "object" && "f32" in v ? Float32Array.from(v.f32) : v),
-  );
 }
 
 function fmtDuration(seconds: number): string {

@@ -192,3 +192,17 @@ Deno.test("llama: stateDict round trip and loadStateDict errors", () => {
   bad.get("model.norm.weight")!.dispose();
   model.dispose();
 });
+
+Deno.test("module: setSubmodule replaces a list item and a nested layer", () => {
+  const model = new LlamaForCausalLM({ ...llamaPreset("tiny"), vocabSize: 32, numHiddenLayers: 2 });
+  const first = model.model.layers[0];
+  model.setSubmodule("model.layers.0", model.model.layers[1]);
+  assert(model.model.layers[0] === model.model.layers[1]);
+  model.setSubmodule("model.layers.0", first);
+  const q = first.self_attn.q_proj;
+  model.setSubmodule("model.layers.0.self_attn.q_proj", first.self_attn.k_proj);
+  assert(model.getSubmodule("model.layers.0.self_attn.q_proj") === first.self_attn.k_proj);
+  model.setSubmodule("model.layers.0.self_attn.q_proj", q);
+  assertThrows(() => model.setSubmodule("model.layers.7", first), Error, "No submodule");
+  model.dispose();
+});
