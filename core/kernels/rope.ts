@@ -50,6 +50,18 @@ fn sincos(x: f32) -> vec2<f32> {
   return vec2<f32>(-c, s);
 }`;
 
+/**
+ * WGSL `fn r16(v: f32) -> f32`: the f16 value nearest to `v` (ties to even), as an f32, saturating at ±65504.
+ * Done with integer arithmetic because `pack2x16float`'s rounding is left to the driver (it is round-to-nearest
+ * on lavapipe, but not every driver promises it), and PyTorch rounds to nearest even.
+ */
+export const ROUND_F16_WGSL = `
+fn r16(v: f32) -> f32 {
+  if (abs(v) < 6.103515625e-5) { return round(v * 16777216.0) * 5.9604644775390625e-8; }
+  let u = bitcast<u32>(v);
+  return clamp(bitcast<f32>((u + 0xfffu + ((u >> 13u) & 1u)) & 0xffffe000u), -65504.0, 65504.0);
+}`;
+
 /** A rope kernel variant. */
 export interface RopeSpec {
   /** Dtype of the tensor read (x in the forward, the gradient in the backward). */
@@ -86,7 +98,6 @@ export const ROPE_FIELDS = [
  * [B, T, H, D]). Dispatch {@linkcode gridFor}(numel, or numel/2 words for f16 output, 256).
  */
 export function ropeKernel(spec: RopeSpec): KernelSource {
-  const round16 = "fn r16(v: f32) -> f32 { return unpack2x16float(pack2x16float(vec2<f32>(v, 0.0))).x; }";
   const trig = spec.trig === "f16" ? "vec2<f32>(r16(sc.x), r16(sc.y))" : "sc";
   const partner = spec.interleaved
     ? "let i = d / 2u; let pd = d ^ 1u; let lower = (d & 1u) == 0u;"
@@ -102,7 +113,7 @@ ${storageDecl(1, "x", spec.input, "read")}
 ${storageDecl(4, "outBuf", spec.out, "read_write")}
 ${loadF32Fn("ldx", "x", spec.input)}
 ${PACK_F16}
-${round16}
+${ROUND_F16_WGSL}
 ${SINCOS_WGSL}
 fn value(e: u32) -> f32 {
   let d = e % p.D;
@@ -130,7 +141,7 @@ ${
   if (i0 >= p.numel) { return; }
   var v1 = 0.0;
   if (i0 + 1u < p.numel) { v1 = value(i0 + 1u); }
-  outBuf[t] = packF16(value(i0), v1);
+  outBuf[t] = packF16(r16(value(i0)), r16(v1));
 }`
       : `  if (t >= p.numel) { return; }
   outBuf[t] = ${storageType(spec.out)}(value(t));

@@ -38,6 +38,7 @@ import {
   attentionSplitKernel,
   type AttentionTiles,
   chooseAttentionTiles,
+  defaultThreads,
 } from "../kernels/attention.ts";
 import { ROPE_FIELDS, ropeKernel } from "../kernels/rope.ts";
 import { keep } from "../scope.ts";
@@ -221,8 +222,10 @@ export interface AttentionOptions {
    * (default: "split" when T ≤ 4). Both give the same results; the choice exists for tests and benchmarks.
    */
   kernel?: "auto" | "blocked" | "split";
-  /** Advanced: tile shapes [BQ, BK] per kernel instead of the per-device choice (tests, tuning). */
-  tiles?: Partial<Record<AttentionKernelKind, [number, number]>>;
+  /** Advanced: tile shapes [BQ, BK] (or [BQ, BK, threads]) per kernel instead of the per-device choice. */
+  tiles?: Partial<Record<AttentionKernelKind, [number, number] | [number, number, number]>>;
+  /** Advanced: unroll factor of the kernels' inner loops (default 4; 1 on software adapters such as lavapipe). */
+  unroll?: number;
 }
 
 interface AttnShape {
@@ -316,14 +319,19 @@ function uniforms(a: AttnShape, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | 
 }
 
 function tilesFor(kind: AttentionKernelKind, D: number, opts: AttentionOptions): AttentionTiles {
+  const info = getGpu().info;
+  // Software adapters compile big unrolled shaders slowly (seconds each on lavapipe) and run them no faster.
+  const unroll = opts.unroll ?? (info.isFallback ? 1 : 4);
   const forced = opts.tiles?.[kind];
   if (forced) {
-    const [BQ, BK] = forced;
+    const [BQ, BK, NT = defaultThreads(BQ, BK)] = forced;
     const pow2 = (n: number) => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
-    if (!pow2(BQ) || !pow2(BK)) throw new Error(`attention: tiles [${BQ}, ${BK}] must be powers of two`);
-    return { BQ, BK, NT: Math.min(128, BQ * BK) };
+    if (!pow2(BQ) || !pow2(BK) || !pow2(NT) || NT > BQ * BK) {
+      throw new Error(`attention: tiles [${forced.join(", ")}] must be powers of two with threads ≤ BQ·BK`);
+    }
+    return { BQ, BK, NT, unroll };
   }
-  return chooseAttentionTiles(kind, D, getGpu().info.maxComputeWorkgroupStorageSize);
+  return { ...chooseAttentionTiles(kind, D, info.maxComputeWorkgroupStorageSize), unroll };
 }
 
 const maskBuf = (m: Tensor | undefined) => (m ? [m.storage.buffer] : []);
