@@ -136,3 +136,38 @@ export function matmul64(a: ArrayLike<number>, b: ArrayLike<number>, m: number, 
   }
   return c;
 }
+
+/** Normwise relative error max|a−b| / max|b| over the selected indices (how the fixtures' tolerances are stated). */
+export function normwise(a: ArrayLike<number>, b: ArrayLike<number>, pick?: (i: number) => boolean): number {
+  let num = 0, den = 0;
+  for (let i = 0; i < b.length; i++) {
+    if (pick && !pick(i)) continue;
+    num = Math.max(num, Math.abs(a[i] - b[i]));
+    den = Math.max(den, Math.abs(b[i]));
+  }
+  return num / den;
+}
+
+/**
+ * A reference fixture (safetensors) read as a lookup: `get(key)` for a tensor, `rows(key)` for an I32 [B, T] tensor
+ * as nested arrays (the form `LlamaForCausalLM.forward` takes).
+ */
+export async function loadFixture(path: string): Promise<{
+  get: (key: string) => { shape: number[]; data: ArrayLike<number> };
+  rows: (key: string) => number[][];
+}> {
+  const { loadSafetensors } = await import("../core/safetensors.ts");
+  const ref = await loadSafetensors(path, { as: "native" });
+  const get = (key: string) => {
+    const t = ref.get(key);
+    if (!t) throw new Error(`${path} has no tensor "${key}"`);
+    return t as { shape: number[]; data: ArrayLike<number> };
+  };
+  const rows = (key: string): number[][] => {
+    const t = get(key);
+    const [B, T] = t.shape;
+    const d = t.data as Int32Array;
+    return Array.from({ length: B }, (_, b) => Array.from(d.subarray(b * T, (b + 1) * T)));
+  };
+  return { get, rows };
+}

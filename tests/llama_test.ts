@@ -5,32 +5,13 @@
  */
 import { assert, assertEquals, assertRejects, assertThrows } from "@std/assert";
 import { fromArray, memoryStats, noGrad, scope } from "../mod.ts";
-import { loadSafetensors } from "../core/safetensors.ts";
 import { Tokenizer } from "../data/tokenizer.ts";
 import { fromPretrained, generate, llamaConfigFromHF, LlamaForCausalLM, llamaPreset, loadLlama2c } from "../nn/mod.ts";
-import { assertClose, setup, SHARED } from "./helpers.ts";
+import { assertClose, loadFixture, normwise, setup, SHARED } from "./helpers.ts";
 
 await setup();
 const FIX = new URL("./fixtures/data/llama_tiny/", import.meta.url).pathname;
-const ref = await loadSafetensors(`${FIX}reference.safetensors`, { as: "native" });
-const get = (k: string) => ref.get(k)!;
-const ids2d = (k: string): number[][] => {
-  const t = get(k);
-  const [B, T] = t.shape;
-  const d = t.data as Int32Array;
-  return Array.from({ length: B }, (_, b) => Array.from(d.subarray(b * T, (b + 1) * T)));
-};
-
-/** Normwise relative error max|a−b| / max|b| over the selected indices. */
-function normwise(a: ArrayLike<number>, b: ArrayLike<number>, pick?: (i: number) => boolean): number {
-  let num = 0, den = 0;
-  for (let i = 0; i < b.length; i++) {
-    if (pick && !pick(i)) continue;
-    num = Math.max(num, Math.abs(a[i] - b[i]));
-    den = Math.max(den, Math.abs(b[i]));
-  }
-  return num / den;
-}
+const { get, rows: ids2d } = await loadFixture(`${FIX}reference.safetensors`);
 
 Deno.test("llama: config.json with rope_parameters, GQA and an untied head is read", async () => {
   const cfg = llamaConfigFromHF(JSON.parse(await Deno.readTextFile(`${FIX}config.json`)));

@@ -9,31 +9,14 @@ import { memoryStats, noGrad, resetPeakMemory, scope } from "../mod.ts";
 import { loadSafetensors } from "../core/safetensors.ts";
 import { fromPretrained, LlamaForCausalLM, llamaPreset } from "../nn/mod.ts";
 import { getPeftModel, loadAdapter, loraConfig, saveAdapter } from "../peft/mod.ts";
-import { setup } from "./helpers.ts";
+import { loadFixture, normwise, setup } from "./helpers.ts";
 
 await setup();
 const BASE = new URL("./fixtures/data/llama_tiny/", import.meta.url).pathname;
 const FIX = new URL("./fixtures/data/peft_tiny/", import.meta.url).pathname;
-const ref = await loadSafetensors(`${FIX}reference.safetensors`, { as: "native" });
-const get = (k: string) => ref.get(k)!;
-const ids2d = (k: string): number[][] => {
-  const t = get(k);
-  const [B, T] = t.shape;
-  const d = t.data as Int32Array;
-  return Array.from({ length: B }, (_, b) => Array.from(d.subarray(b * T, (b + 1) * T)));
-};
+const { get, rows: ids2d } = await loadFixture(`${FIX}reference.safetensors`);
 const mask = get("attention_mask").data as Int32Array;
 const V = 256;
-
-function normwise(a: ArrayLike<number>, b: ArrayLike<number>, pick?: (i: number) => boolean): number {
-  let num = 0, den = 0;
-  for (let i = 0; i < b.length; i++) {
-    if (pick && !pick(i)) continue;
-    num = Math.max(num, Math.abs(a[i] - b[i]));
-    den = Math.max(den, Math.abs(b[i]));
-  }
-  return num / den;
-}
 
 async function logitsError(logits: { toArray(): Promise<ArrayLike<number>> }, key: string): Promise<number> {
   return normwise(await logits.toArray(), get(key).data as Float32Array, (i) => mask[Math.floor(i / V)] === 1);
