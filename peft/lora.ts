@@ -4,8 +4,9 @@
  * s = alpha / r (alpha / √r with rsLoRA). Submodule names follow PEFT (`base_layer`, `lora_A`, `lora_B`), so the
  * parameter names are PEFT's adapter keys without the `.default` adapter-name infix.
  *
- * The scale and the residual add are one fused kernel that keeps the base output's dtype, the rank-r products run
- * on the thin-matrix GEMM path, and dropout's mask is recomputed in backward rather than stored.
+ * The update s · (x Aᵀ) Bᵀ is added into the base output's buffer by the second rank-r GEMM's epilogue (no extra
+ * pass over the activations, and the base output's dtype is kept), both rank-r products run on the thin-matrix GEMM
+ * path, and dropout's mask is recomputed in backward rather than stored.
  *
  * @example
  * ```ts
@@ -18,10 +19,10 @@
 import { record } from "../core/autograd.ts";
 import { zeros } from "../core/creation.ts";
 import { elementwise } from "../core/ops/dispatch.ts";
-import { matmul } from "../core/ops/matmul.ts";
+import { gemmInto, matmul } from "../core/ops/matmul.ts";
 import { dropout } from "../core/ops/nn.ts";
-import { transpose } from "../core/ops/shape.ts";
-import type { Tensor } from "../core/tensor.ts";
+import { reshape, transpose } from "../core/ops/shape.ts";
+import { Tensor } from "../core/tensor.ts";
 import { Linear } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import type { LoraConfig } from "./config.ts";
@@ -38,13 +39,36 @@ export interface LinearLike extends Module {
   denseWeight?(): Tensor;
 }
 
-/** `base + s · update`, in the base's dtype, one kernel; gradients: g for the base, s·g for the update. */
-function addScaled(base: Tensor, update: Tensor, s: number): Tensor {
-  const y = elementwise("lora_add", "a + b * p.c0", [base, update], { out: base.dtype, c0: s });
-  return record(y, "lora_add", [base, update], [], (g, _saved, needs) => [
-    needs[0] ? g.detach() : null,
-    needs[1] ? elementwise("scale", "a * p.c0", [g], { out: "f32", c0: s }) : null,
-  ]);
+/**
+ * y = base + s · t · Bᵀ, written by one GEMM whose epilogue adds into the base output's own buffer (no extra pass
+ * over the [tokens, out] activations, no temporary of that size). This is safe because no base layer's backward
+ * reads its own output. Gradients: g for the base output, s · g · B for t, s · gᵀ · t for B.
+ */
+function addLowRank(base: Tensor, t: Tensor, b: Tensor, s: number): Tensor {
+  const rows = base.numel / base.shape[base.ndim - 1];
+  using out2d = reshape(base, [rows, base.shape[base.ndim - 1]]);
+  using t2d = reshape(t, [rows, t.shape[t.ndim - 1]]);
+  using bt = transpose(b, 0, 1);
+  gemmInto(out2d, t2d, bt, { alpha: s, accumulate: true });
+  const y = base.viewOf(base.shape, base.strides, base.offset);
+  return record(y, "lora_add", [base, t, b], [t, b], (g, [st, sb], needs) => {
+    const r = sb.shape[1];
+    using g2d = reshape(g, [rows, g.shape[g.ndim - 1]]);
+    let dt: Tensor | null = null, db: Tensor | null = null;
+    if (needs[1]) {
+      const d = Tensor.empty([rows, r], "f32");
+      gemmInto(d, g2d, sb, { alpha: s });
+      dt = reshape(d, [...st.shape]);
+      d.dispose();
+    }
+    if (needs[2]) {
+      db = Tensor.empty([sb.shape[0], r], "f32");
+      using st2d = reshape(st, [rows, r]);
+      using gT = transpose(g2d, 0, 1);
+      gemmInto(db, gT, st2d, { alpha: s });
+    }
+    return [needs[0] ? g.detach() : null, dt, db];
+  });
 }
 
 /** A linear layer with a LoRA adapter. */
@@ -96,10 +120,8 @@ export class LoraLinear extends Module {
     if (this.disabled || this.merged) return base;
     using xd = dropout(x, this.config.dropout, { training: this.training });
     using at = transpose(this.lora_A.weight, 0, 1);
-    using bt = transpose(this.lora_B.weight, 0, 1);
     using t = matmul(xd, at, { out: "f32" });
-    using u = matmul(t, bt, { out: "f32" });
-    const y = addScaled(base, u, this.config.scaling);
+    const y = addLowRank(base, t, this.lora_B.weight, this.config.scaling);
     base.dispose();
     return y;
   }
