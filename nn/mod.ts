@@ -13,7 +13,8 @@
  * @module
  */
 export { type LoadStateOptions, type LoadStateResult, Module, type StateValue } from "./module.ts";
-export { Dropout, Embedding, isPlaceholder, type LayerOptions, Linear, RMSNorm, withDeferredInit } from "./layers.ts";
+export { Dropout, Embedding, type LayerOptions, Linear, RMSNorm } from "./layers.ts";
+export { isPlaceholder, withDeferredInit } from "./init.ts";
 export {
   type CausalLMOptions,
   type CausalLMOutput,

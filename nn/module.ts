@@ -23,6 +23,8 @@
  */
 import { fmtShape, type Tensor } from "../core/tensor.ts";
 import { fromArray } from "../core/creation.ts";
+import { getGpu } from "../core/gpu.ts";
+import { isPlaceholder } from "./init.ts";
 import type { DType, TensorData } from "../core/dtype.ts";
 
 function isTensor(v: unknown): v is Tensor {
@@ -214,6 +216,17 @@ function assign(root: Module, name: string, old: Tensor, v: StateValue): void {
     const c = fresh.to(old.dtype);
     fresh.dispose();
     fresh = c;
+  }
+  if (!isPlaceholder(old) && old.isContiguous && fresh.isContiguous && fresh.storage !== old.storage) {
+    // Like PyTorch's load_state_dict: copy into the existing tensor, so references to it (an optimizer's parameter
+    // list, a caller's handle) stay valid.
+    const bytes = old.numel * (old.dtype === "f16" ? 2 : 4);
+    const isz = old.dtype === "f16" ? 2 : 4;
+    if ((fresh.offset * isz) % 4 === 0 && (old.offset * isz) % 4 === 0 && bytes % 4 === 0) {
+      getGpu().copy(fresh.storage.buffer, fresh.offset * isz, old.storage.buffer, old.offset * isz, bytes);
+      fresh.dispose();
+      return;
+    }
   }
   fresh.keep();
   fresh.requiresGrad = old.requiresGrad;
