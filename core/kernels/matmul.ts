@@ -242,6 +242,40 @@ function loader(op: Operand, bk: number, threads: number) {
   return { pre, decls, loads, stores };
 }
 
+/**
+ * The fully unrolled inner product of one staged K step of a register-tiled GEMM: for each of `bk` steps, load the
+ * thread's `tmv` vec4 fragments of A (`As[S][k][ia<g>]`) and `tnv` of B (`Bs[S][k][ib<f>]`), then accumulate their
+ * outer product into the accumulators `c<row>_<f>` with f32 FMAs. `loadA`/`loadB` wrap a fragment load (e.g. a
+ * widening from f16). Shared by the dense GEMM and the fused NF4 dequantize-GEMM.
+ *
+ * @example
+ * ```ts
+ * const lines = tileInnerProduct(8, 2, 2); // WGSL statements for BK 8 and an 8×8 per-thread tile
+ * ```
+ */
+export function tileInnerProduct(
+  bk: number,
+  tmv: number,
+  tnv: number,
+  loadA: (x: string) => string = (x) => x,
+  loadB: (x: string) => string = (x) => x,
+): string[] {
+  const out: string[] = [];
+  for (let kk = 0; kk < bk; kk++) {
+    for (let g = 0; g < tmv; g++) out.push(`let a${kk}_${g} = ${loadA(`As[S][${kk}][ia${g}]`)};`);
+    for (let f = 0; f < tnv; f++) out.push(`let b${kk}_${f} = ${loadB(`Bs[S][${kk}][ib${f}]`)};`);
+    for (let g = 0; g < tmv; g++) {
+      for (let r = 0; r < 4; r++) {
+        for (let f = 0; f < tnv; f++) {
+          const c = `c${g * 4 + r}_${f}`;
+          out.push(`${c} = fma(vec4<f32>(a${kk}_${g}[${r}]), b${kk}_${f}, ${c});`);
+        }
+      }
+    }
+  }
+  return out;
+}
+
 /** Generates a register-tiled GEMM; dispatch `[ceil(N/BN), ceil(M/BM), batch·splits]` workgroups. */
 export function gemmKernel(spec: GemmKernelSpec): KernelSource {
   const t = spec.tile;
@@ -289,20 +323,8 @@ export function gemmKernel(spec: GemmKernelSpec): KernelSource {
   const tmv = tm / 4, tnv = tn / 4;
 
   // Inner product over one staged K step, fully unrolled.
-  const cvt = (op: Operand, x: string) => op.st === "f16" ? `vec4<f32>(${x})` : x;
-  const compute: string[] = [];
-  for (let kk = 0; kk < bk; kk++) {
-    for (let g = 0; g < tmv; g++) compute.push(`let a${kk}_${g} = ${cvt(A, `As[S][${kk}][ia${g}]`)};`);
-    for (let f = 0; f < tnv; f++) compute.push(`let b${kk}_${f} = ${cvt(B, `Bs[S][${kk}][ib${f}]`)};`);
-    for (let g = 0; g < tmv; g++) {
-      for (let r = 0; r < 4; r++) {
-        for (let f = 0; f < tnv; f++) {
-          const c = `c${g * 4 + r}_${f}`;
-          compute.push(`${c} = fma(vec4<f32>(a${kk}_${g}[${r}]), b${kk}_${f}, ${c});`);
-        }
-      }
-    }
-  }
+  const cvt = (op: Operand) => (x: string) => op.st === "f16" ? `vec4<f32>(${x})` : x;
+  const compute = tileInnerProduct(bk, tmv, tnv, cvt(A), cvt(B));
   const computeAt = (s: string) => `{\n    let S = ${s};\n    ${compute.join("\n    ")}\n  }`;
   const storeAt = (s: string) => `{\n    let S = ${s};\n    ${[...la.stores, ...lb.stores].join("\n    ")}\n  }`;
   const loads = `${la.loads.join("\n    ")}\n    ${lb.loads.join("\n    ")}`;

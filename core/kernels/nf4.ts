@@ -40,6 +40,7 @@
  */
 import type { KernelSource } from "../gpu.ts";
 import { loadF32Fn, PACK_F16 } from "./common.ts";
+import { tileInnerProduct } from "./matmul.ts";
 
 /** The float element types these kernels read and write. */
 export type Nf4FloatDType = "f32" | "f16";
@@ -615,19 +616,7 @@ export function nf4GemmKernel(s: Nf4GemmSpec): KernelSource {
   const src = absmaxSource(s.absmax, 3, T);
   const tmv = tm / 4, tnv = tn / 4;
 
-  const compute: string[] = [];
-  for (let kk = 0; kk < bk; kk++) {
-    for (let g = 0; g < tmv; g++) compute.push(`let a${kk}_${g} = As[S][${kk}][ia${g}];`);
-    for (let f = 0; f < tnv; f++) compute.push(`let b${kk}_${f} = Bs[S][${kk}][ib${f}];`);
-    for (let g = 0; g < tmv; g++) {
-      for (let r = 0; r < 4; r++) {
-        for (let f = 0; f < tnv; f++) {
-          const c = `c${g * 4 + r}_${f}`;
-          compute.push(`${c} = fma(vec4<f32>(a${kk}_${g}[${r}]), b${kk}_${f}, ${c});`);
-        }
-      }
-    }
-  }
+  const compute = tileInnerProduct(bk, tmv, tnv);
   const computeAt = (st: string) => `{\n    let S = ${st};\n    ${compute.join("\n    ")}\n  }`;
   const storeAt = (st: string) => `{\n    let S = ${st};\n    ${[...la.stores, ...lb.stores].join("\n    ")}\n  }`;
   const loads = `${la.loads.join("\n    ")}\n    ${lb.loads.join("\n    ")}`;
