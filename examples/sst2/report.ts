@@ -162,6 +162,7 @@ export function detailsTable(runs: RunMetrics[]): string {
     "Macro-F1",
     "Unparseable",
     "Log-prob accuracy",
+    "Majority-class accuracy",
     "Eval generation",
     "Weights + adapters",
   ];
@@ -176,11 +177,12 @@ export function detailsTable(runs: RunMetrics[]): string {
       e ? meaningful(pct(e.f1Macro)) : "—",
       e ? `${e.unparseable} / ${e.n}` : "—",
       e ? meaningful(pct(e.logprobAccuracy)) : "—",
+      e ? pct(e.majorityAccuracy) : "—",
       e ? `${fmtRate(e.tokensPerSecond)} (batch ${String((m.config.eval as { batch_size: number }).batch_size)})` : "—",
       fmtMemory(m.modelBytes),
     ];
   });
-  return mdTable(header, rows, ["l", "r", "r", "r", "r", "r", "r", "r", "r"]);
+  return mdTable(header, rows, ["l", ...header.slice(1).map(() => "r" as const)]);
 }
 
 /**
@@ -212,8 +214,9 @@ export function resultsMarkdown(runs: RunMetrics[], skipped: { method: string; r
       "",
       "Accuracy and F1 (positive class): greedy generation of the answer, unparseable answers counted wrong. Peak GPU " +
         "memory: `memoryStats().peakBytes` during training, weights included. Training time: the training loop's " +
-        "wall time, evaluation excluded. Inference speed: batch-1 greedy decoding of 32 tokens with the KV cache, " +
-        "adapters unmerged. Bits / base param: storage of the base's linear layers (LM head excluded).",
+        "wall time, evaluation excluded (one untimed forward + backward compiles the kernels first). Inference speed: batch-1 greedy decoding of 32 tokens with the KV cache, " +
+        "adapters unmerged. Bits / base param: storage of the base's linear layers (LM head excluded). " +
+        "Majority-class accuracy: always answering the evaluated sentences' more frequent label, the level to beat.",
       "",
       detailsTable(runs),
       "",
