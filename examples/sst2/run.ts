@@ -41,7 +41,7 @@ import { generate } from "../../nn/generate.ts";
 import { Linear } from "../../nn/layers.ts";
 import { LlamaForCausalLM } from "../../nn/llama.ts";
 import { fromPretrained, loadLlama2c } from "../../nn/loader.ts";
-import { evaluateSst2 } from "../../peft/evaluate.ts";
+import { type ClassificationMetrics, evaluateSst2 } from "../../peft/evaluate.ts";
 import { getPeftModel, type PeftModel } from "../../peft/model.ts";
 import { Trainer } from "../../peft/trainer.ts";
 import { type ModelMemoryReport, modelMemoryReport, quantizeModel } from "../../quant/mod.ts";
@@ -102,21 +102,13 @@ export interface RunMetrics {
     losses: number[];
   };
   /** Evaluation (null when training was interrupted). */
-  eval: {
-    n: number;
-    accuracy: number;
-    f1: number;
-    f1Macro: number;
-    unparseable: number;
-    logprobAccuracy: number;
-    logprobF1: number;
-    logprobF1Macro: number;
-    /** Batched generation during evaluation, tokens/s. */
-    tokensPerSecond: number;
-    /** Accuracy of always answering the evaluated sentences' more frequent label (the chance level to beat). */
-    majorityAccuracy: number;
-    seconds: number;
-  } | null;
+  eval:
+    | (ClassificationMetrics & {
+      /** Accuracy of always answering the evaluated sentences' more frequent label (the chance level to beat). */
+      majorityAccuracy: number;
+      seconds: number;
+    })
+    | null;
   /** Batch-1 greedy decoding with the KV cache. */
   inference: { tokensPerSecond: number; newTokens: number; prompt: string } | null;
   /** Wall time of the whole run, seconds. */
