@@ -76,7 +76,11 @@ class BufferPool {
     });
   }
 
+  /** Caches held by ops (e.g. matmul's split-K scratch) that `emptyCache` also releases. */
+  readonly releasers: (() => void)[] = [];
+
   emptyCache(): void {
+    for (const release of this.releasers) release();
     const gpu = getGpu();
     gpu.flush();
     for (const list of this.free.values()) for (const b of list) b.destroy();
@@ -119,7 +123,20 @@ export function resetPeakMemory(): void {
 }
 
 /**
- * Frees the pool's cached buffers (live tensors are untouched), like `torch.cuda.empty_cache()`.
+ * Registers a cache an op keeps (a reusable scratch buffer) so that {@linkcode emptyCache} releases it too.
+ *
+ * @example
+ * ```ts
+ * onEmptyCache(() => releaseMyScratch());
+ * ```
+ */
+export function onEmptyCache(release: () => void): void {
+  pool.releasers.push(release);
+}
+
+/**
+ * Frees the pool's cached buffers and the ops' scratch buffers (live tensors are untouched), like
+ * `torch.cuda.empty_cache()`.
  *
  * @example
  * ```ts

@@ -18,6 +18,7 @@
  */
 import type { DType } from "../dtype.ts";
 import { record } from "../autograd.ts";
+import { onEmptyCache } from "../memory.ts";
 import { getGpu, type Kernel, type KernelSource } from "../gpu.ts";
 import { gridFor, rowGrid, UniformWriter } from "../kernels/common.ts";
 import {
@@ -233,6 +234,7 @@ export function releaseMatmulScratch(): void {
   scratch?.release();
   scratch = null;
 }
+onEmptyCache(releaseMatmulScratch);
 
 const MAX_GRID = 65535;
 
