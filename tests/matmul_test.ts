@@ -323,3 +323,19 @@ Deno.test("matmul: mismatched shapes give an error naming both shapes", () => {
   const e3 = assertThrows(() => matmul(zeros([2, 3, 4]), zeros([3, 4, 5])));
   assert(e3 instanceof Error && e3.message.includes("[2, 3, 4]") && e3.message.includes("[3, 4, 5]"), String(e3));
 });
+
+Deno.test("matmul: one-row f16 × f16ᵀ products at every load width (GEMV, K = 36, 38, 40, 64)", async () => {
+  const { fromArray, matmul } = await import("../mod.ts");
+  const { roundToF16 } = await import("../core/half.ts");
+  const { assertClose, matmul64, randomArray } = await import("./helpers.ts");
+  for (const K of [36, 38, 40, 64]) {
+    const N = 20;
+    const x = randomArray(K, 100 + K).map(roundToF16), w = randomArray(N * K, 200 + K).map(roundToF16);
+    const xt = fromArray(x, [1, K], { dtype: "f16" }), wt = fromArray(w, [N, K], { dtype: "f16" });
+    const y = matmul(xt, wt.transpose(), { out: "f32" });
+    const wT = new Float64Array(K * N);
+    for (let n = 0; n < N; n++) for (let k = 0; k < K; k++) wT[k * N + n] = w[n * K + k];
+    assertClose(await y.toArray(), matmul64(x, wT, 1, K, N), { rtol: 1e-4, relToMax: true, label: `K=${K}` });
+    for (const t of [xt, wt, y]) t.dispose();
+  }
+});

@@ -155,12 +155,13 @@ function loadInto(buf: string, dtype: FloatDType, vw: number, e: string, st: str
   const un = (w: string) => st === "f16" ? `vec2<f16>(unpack2x16float(${w}))` : `unpack2x16float(${w})`;
   if (vw === 1) return `{ let i = ${e}; ${regs[0]} = ${un(`${buf}[i >> 1u]`)}[i & 1u]; }`;
   if (vw === 2) return `${regs[0]} = ${un(`${buf}[(${e}) >> 1u]`)};`;
+  // The packed temporary is named `pk_` so that it never shadows a destination register (e.g. one named `w`).
   if (vw === 4) {
-    return `{ let w = ${buf}[(${e}) >> 2u]; ${regs[0]} = ${vecType(4, st)}(${un("w.x")}, ${un("w.y")}); }`;
+    return `{ let pk_ = ${buf}[(${e}) >> 2u]; ${regs[0]} = ${vecType(4, st)}(${un("pk_.x")}, ${un("pk_.y")}); }`;
   }
-  return `{ let w = ${buf}[(${e}) >> 3u]; ${regs[0]} = ${vecType(4, st)}(${un("w.x")}, ${un("w.y")}); ${regs[1]} = ${
-    vecType(4, st)
-  }(${un("w.z")}, ${un("w.w")}); }`;
+  return `{ let pk_ = ${buf}[(${e}) >> 3u]; ${regs[0]} = ${vecType(4, st)}(${un("pk_.x")}, ${un("pk_.y")}); ${
+    regs[1]
+  } = ${vecType(4, st)}(${un("pk_.z")}, ${un("pk_.w")}); }`;
 }
 
 /** Register names and their declarations for one loaded vector of `vw` elements. */
