@@ -70,7 +70,7 @@ export function classificationScores(
 export interface EvalOptions {
   /** Prompts per batch (default 16). */
   batchSize?: number;
-  /** Tokens to generate per answer (default 4: "▁Pos itive </s>" needs 3). */
+  /** Tokens to generate per answer (default: the longer answer's tokens + 1 for EOS; 3 for Llama-2). */
   maxNewTokens?: number;
   /** Skip the generation-based evaluation (likelihood only). */
   skipGeneration?: boolean;
@@ -99,6 +99,7 @@ export async function evaluateSst2(
   const genPred: (0 | 1 | null)[] = new Array(examples.length).fill(null);
   const lpPred: (0 | 1)[] = new Array(examples.length).fill(0);
   const answers = [answerIds(tok, 0), answerIds(tok, 1)];
+  const maxNewTokens = opts.maxNewTokens ?? Math.max(...answers.map((a) => a.length)) + 1;
   let genTokens = 0, genMs = 0;
   const wasTraining = model.training;
   model.eval();
@@ -113,10 +114,10 @@ export async function evaluateSst2(
           mask.push(Array.from(batch.attentionMask.subarray(b * batch.seqLen, (b + 1) * batch.seqLen)));
         }
         const out = await generate(model, rows, {
-          maxNewTokens: opts.maxNewTokens ?? 4,
+          maxNewTokens,
           attentionMask: mask,
           eosTokenId: tok.eosId,
-          chunk: opts.maxNewTokens ?? 4,
+          chunk: maxNewTokens,
         });
         genTokens += out.newTokens;
         genMs += out.timeMs;
