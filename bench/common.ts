@@ -20,6 +20,8 @@
 import { parseArgs } from "@std/cli";
 import { appendText, writeText } from "../core/platform.ts";
 import { getGpu } from "../core/gpu.ts";
+import { gridFor } from "../core/kernels/common.ts";
+import { Tensor } from "../core/tensor.ts";
 
 /** Flags every benchmark understands. */
 export interface BenchFlags {
@@ -220,4 +222,41 @@ export function fmtNum(x: number): string {
   if (Math.abs(x) >= 10) return x.toFixed(1);
   if (Math.abs(x) >= 1) return x.toFixed(2);
   return x.toPrecision(3);
+}
+
+/**
+ * Device-to-device copy bandwidth with a plain vec4 WGSL copy of `bytes` bytes: the ceiling memory-bound kernels
+ * (GEMV) are judged against. GB/s counts the bytes read plus the bytes written.
+ *
+ * @example
+ * ```ts
+ * const { timing, gbps } = await copyBandwidth(1 << 30, flags);
+ * ```
+ */
+export async function copyBandwidth(
+  bytes: number,
+  opts: Parameters<typeof timeGpu>[1],
+): Promise<{ timing: Timing; gbps: number }> {
+  const gpu = getGpu();
+  const src = Tensor.empty([bytes / 4], "f32"), dst = Tensor.empty([bytes / 4], "f32");
+  const k = gpu.kernel({
+    name: "copy_bw",
+    code: `@group(0) @binding(1) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> dst: array<vec4<u32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = gid.x + gid.y * nwg.x * 256u;
+  if (i < ${bytes / 16}u) { dst[i] = src[i]; }
+}`,
+    bindings: ["read", "write"],
+    uniforms: false,
+  });
+  const grid = gridFor(bytes / 16, 256);
+  try {
+    const timing = await timeGpu(() => gpu.dispatch(k, [src.storage.buffer, dst.storage.buffer], null, grid), opts);
+    return { timing, gbps: (2 * bytes) / (timing.ms / 1e3) / 1e9 };
+  } finally {
+    src.dispose();
+    dst.dispose();
+  }
 }

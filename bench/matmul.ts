@@ -19,12 +19,20 @@
  */
 import { Tensor } from "../core/tensor.ts";
 import { fromArray } from "../core/creation.ts";
-import { getGpu, initGpu, type Kernel } from "../core/gpu.ts";
+import { getGpu, initGpu } from "../core/gpu.ts";
 import { f16ArrayToF32 } from "../core/half.ts";
-import { gridFor } from "../core/kernels/common.ts";
 import type { TileConfig } from "../core/kernels/matmul.ts";
 import { gemmInto, type GemmPlan, planName } from "../core/ops/matmul.ts";
-import { benchFlags, BenchLog, captureGpuErrors, fmtNum, metaLine, textTable, timeGpu } from "./common.ts";
+import {
+  benchFlags,
+  BenchLog,
+  captureGpuErrors,
+  copyBandwidth,
+  fmtNum,
+  metaLine,
+  textTable,
+  timeGpu,
+} from "./common.ts";
 
 type F = "f32" | "f16";
 
@@ -408,32 +416,16 @@ for (const c of cases) {
 // ---- copy bandwidth (the ceiling for GEMV) ------------------------------------------------------------------------
 if (!flags.only || "copy-bw".includes(flags.only)) {
   const bytes = flags.smoke ? 1 << 24 : 1 << 30;
-  const src = Tensor.empty([bytes / 4], "f32"), dst = Tensor.empty([bytes / 4], "f32");
-  const k: Kernel = gpu.kernel({
-    name: "copy_bw",
-    code: `@group(0) @binding(1) var<storage, read> src: array<vec4<u32>>;
-@group(0) @binding(2) var<storage, read_write> dst: array<vec4<u32>>;
-@compute @workgroup_size(256)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let i = gid.x + gid.y * nwg.x * 256u;
-  if (i < ${bytes / 16}u) { dst[i] = src[i]; }
-}`,
-    bindings: ["read", "write"],
-    uniforms: false,
-  });
-  const grid = gridFor(bytes / 16, 256);
-  const t = await timeGpu(() => gpu.dispatch(k, [src.storage.buffer, dst.storage.buffer], null, grid), flags);
+  const { timing: t, gbps } = await copyBandwidth(bytes, flags);
   await log.emit({
     suite: "matmul",
     case: "copy-bw",
     impl: "webtune-wgsl",
     ...t,
-    gbps: (2 * bytes) / (t.ms / 1e3) / 1e9,
+    gbps,
     bytes,
     note: "GB/s = (read + write) / time",
   });
-  src.dispose();
-  dst.dispose();
 }
 
 // ---- phase 2: sweep ----------------------------------------------------------------------------------------------

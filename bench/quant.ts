@@ -25,9 +25,8 @@
  */
 import { init, memoryStats, resetPeakMemory, Tensor } from "../mod.ts";
 import { randn, zeros } from "../core/creation.ts";
-import { getGpu, type Kernel } from "../core/gpu.ts";
+import { getGpu } from "../core/gpu.ts";
 import { f16ArrayToF32 } from "../core/half.ts";
-import { gridFor } from "../core/kernels/common.ts";
 import { NF4_TILES, type Nf4Tile, nf4TileSharedBytes } from "../core/kernels/nf4.ts";
 import { gemmInto, planName } from "../core/ops/matmul.ts";
 import { isPlaceholder, Linear, withDeferredInit } from "../nn/layers.ts";
@@ -47,7 +46,16 @@ import {
 import { Linear4bit } from "../quant/linear4bit.ts";
 import { bitsPerParameter } from "../quant/nf4_reference.ts";
 import { modelMemoryReport } from "../quant/report.ts";
-import { benchFlags, BenchLog, captureGpuErrors, fmtNum, metaLine, textTable, timeGpu } from "./common.ts";
+import {
+  benchFlags,
+  BenchLog,
+  captureGpuErrors,
+  copyBandwidth,
+  fmtNum,
+  metaLine,
+  textTable,
+  timeGpu,
+} from "./common.ts";
 
 const flags = benchFlags(Deno.args);
 await init();
@@ -136,25 +144,9 @@ function nf4Bytes(q: Nf4Tensor): number {
 let copyGbps: number | null = null;
 if (selected("copy-bw")) {
   const bytes = scaled ? 1 << 24 : 1 << 30;
-  const src = Tensor.empty([bytes / 4], "f32"), dst = Tensor.empty([bytes / 4], "f32");
-  const k: Kernel = gpu.kernel({
-    name: "copy_bw",
-    code: `@group(0) @binding(1) var<storage, read> src: array<vec4<u32>>;
-@group(0) @binding(2) var<storage, read_write> dst: array<vec4<u32>>;
-@compute @workgroup_size(256)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let i = gid.x + gid.y * nwg.x * 256u;
-  if (i < ${bytes / 16}u) { dst[i] = src[i]; }
-}`,
-    bindings: ["read", "write"],
-    uniforms: false,
-  });
-  const grid = gridFor(bytes / 16, 256);
-  const t = await timeGpu(() => gpu.dispatch(k, [src.storage.buffer, dst.storage.buffer], null, grid), flags);
-  copyGbps = (2 * bytes) / (t.ms / 1e3) / 1e9;
+  const { timing: t, gbps } = await copyBandwidth(bytes, flags);
+  copyGbps = gbps;
   await log.emit({ suite: "quant", case: "copy-bw", impl: "webtune-wgsl", ...t, gbps: copyGbps, bytes, scaled });
-  src.dispose();
-  dst.dispose();
 }
 
 // ---- GEMM and GEMV cases -----------------------------------------------------------------------------------------
