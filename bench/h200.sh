@@ -32,7 +32,8 @@
 # With the default budget the first five steps should take ~3 min and leave ~5 min to the two SST-2 runs, which is
 # likely too little for both: sst2_7b gets what sst2_tiny's reserve leaves (~150 s). Knobs: H200_SKIP="sst2_7b quant"
 # (step names as above) drops steps; H200_BUDGET_S=570 gives the run more time; H200_SST2_7B_ARGS / H200_SST2_TINY_ARGS
-# add flags to the example runs (e.g. "--eval-samples 64": random weights make the 7B accuracy meaningless anyway).
+# add flags to the example runs (e.g. "--eval-samples 64": random weights make the 7B accuracy meaningless anyway);
+# H200_QUANT_ARGS adds flags to bench/quant.ts (e.g. "--sweep"); H200_CAP_<step>=S raises or lowers a step's cap.
 #
 # Output: the device returns at most 8 files from $OUT (at most 2 folders deep), so the raw outputs go to a work
 # folder and $OUT gets: webtune.jsonl (every webtune benchmark line), torch.jsonl (if torch_ref ran), summary.txt
@@ -69,10 +70,13 @@ SUMMARY_RESERVE=15
 STATUS="$W/status.tsv"
 : >"$STATUS"
 
-# reserved seconds of the steps still to come (in this order: matmul ops quant llama lora_step sst2_7b sst2_tiny)
+# reserved seconds of the steps still to come (in this order: matmul ops quant llama lora_step sst2_7b sst2_tiny);
+# a skipped step reserves nothing
+STEPS=(matmul ops quant llama lora_step sst2_7b sst2_tiny)
 RESERVES=(30 10 20 20 50 60 150)
+skipped() { [[ " ${H200_SKIP//,/ } " == *" $1 "* ]]; }
 REST_RESERVE=0
-for r in "${RESERVES[@]}"; do REST_RESERVE=$((REST_RESERVE + r)); done
+for i in "${!STEPS[@]}"; do skipped "${STEPS[$i]}" || REST_RESERVE=$((REST_RESERVE + RESERVES[i])); done
 
 elapsed() { echo $(($(date +%s) - START)); }
 
@@ -80,12 +84,15 @@ elapsed() { echo $(($(date +%s) - START)); }
 step() {
   local name=$1 reserve=$2 cap=$3
   shift 3
-  REST_RESERVE=$((REST_RESERVE - reserve))
-  if [[ " ${H200_SKIP//,/ } " == *" $name "* ]]; then
+  # H200_CAP_<name> overrides a step's cap (e.g. H200_CAP_quant=200 for a sweep)
+  local capvar="H200_CAP_$name"
+  cap=${!capvar:-$cap}
+  if skipped "$name"; then
     printf '%s\tskipped\t0\tH200_SKIP\n' "$name" >>"$STATUS"
     echo "[h200 $(elapsed)s] $name: skipped (H200_SKIP)"
     return
   fi
+  REST_RESERVE=$((REST_RESERVE - reserve))
   local left=$((DEADLINE - $(date +%s) - REST_RESERVE - SUMMARY_RESERVE))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 15 ]; then
@@ -134,6 +141,8 @@ fi
 SST2_7B+=(${H200_SST2_7B_ARGS:-})
 # shellcheck disable=SC2206
 SST2_TINY+=(${H200_SST2_TINY_ARGS:-})
+# shellcheck disable=SC2206
+TINY_QUANT=(${TINY[@]+"${TINY[@]}"} ${H200_QUANT_ARGS:-})
 
 # 1. matmul (no sweep) ~40 s
 step matmul 30 75 deno run -A bench/matmul.ts --json "$W/matmul.jsonl" ${TINY[@]+"${TINY[@]}"}
@@ -141,7 +150,7 @@ step matmul 30 75 deno run -A bench/matmul.ts --json "$W/matmul.jsonl" ${TINY[@]
 step ops 10 40 deno run -A bench/ops.ts --json "$W/ops.jsonl" --budget @BUDGET@ ${TINY[@]+"${TINY[@]}"}
 # 3. quant (if present) ~30 s
 if [ -f bench/quant.ts ]; then
-  step quant 20 60 deno run -A bench/quant.ts --json "$W/quant.jsonl" ${TINY[@]+"${TINY[@]}"}
+  step quant 20 60 deno run -A bench/quant.ts --json "$W/quant.jsonl" --budget @BUDGET@ ${TINY_QUANT[@]+"${TINY_QUANT[@]}"}
 else
   REST_RESERVE=$((REST_RESERVE - 20))
   printf 'quant\tabsent\t0\t0\n' >>"$STATUS"

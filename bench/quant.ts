@@ -172,6 +172,12 @@ const tileVariants = (): Nf4Plan[] =>
     { bm: 64, bn: 64, bk: 16, tm: 8, tn: 8, pipeline: "double" },
     { bm: 128, bn: 64, bk: 16, tm: 8, tn: 8, pipeline: "direct" },
     { bm: 128, bn: 64, bk: 32, tm: 8, tn: 8, pipeline: "direct" },
+    // Taller tiles decode each weight fewer times (M / bm times in all).
+    { bm: 256, bn: 64, bk: 16, tm: 8, tn: 8, pipeline: "double" },
+    { bm: 256, bn: 64, bk: 8, tm: 8, tn: 8, pipeline: "double" },
+    { bm: 256, bn: 128, bk: 8, tm: 8, tn: 8, pipeline: "double" },
+    { bm: 128, bn: 128, bk: 16, tm: 8, tn: 8, pipeline: "direct" },
+    { bm: 64, bn: 128, bk: 32, tm: 8, tn: 8, pipeline: "direct" },
   ].filter((t) => nf4TileSharedBytes(t as Nf4Tile, "double") <= gpu.info.maxComputeWorkgroupStorageSize)
     .map((tile) => ({ kind: "tile" as const, tile: tile as Nf4Tile }));
 const gemvVariants = (): Nf4Plan[] =>
@@ -185,6 +191,15 @@ const gemvVariants = (): Nf4Plan[] =>
     [256, 16, 4],
     [512, 16, 2],
     [128, 16, 4],
+    // Fewer lanes per row (8 or 16): more units per thread, a shorter reduction, the prologue shared by more rows.
+    [128, 16, 1],
+    [128, 32, 2],
+    [256, 32, 2],
+    [256, 64, 4],
+    [256, 32, 1],
+    [256, 64, 2],
+    [512, 64, 2],
+    [512, 128, 4],
   ].map(([threads, rowsPerGroup, rowsPerThread]) => ({ kind: "gemv" as const, threads, rowsPerGroup, rowsPerThread }));
 
 const shapes: [number, number, number][] = [
