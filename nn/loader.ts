@@ -265,15 +265,20 @@ export async function loadLlama2c(
 }
 
 /**
- * Saves a model as a Hugging Face directory: `config.json` and `model.safetensors` (weights in their GPU dtype:
- * F32 or F16).
+ * Saves a model as a Hugging Face directory: `config.json` and `model.safetensors` (weights in their GPU dtype,
+ * F32 or F16, unless `opts.dtype` converts them).
  *
  * @example
  * ```ts
  * await savePretrained(model, "./out/merged");
+ * await savePretrained(model, "./out/small", { dtype: "f16" }); // an f32 model stored in half precision
  * ```
  */
-export async function savePretrained(model: LlamaForCausalLM, dir: string): Promise<void> {
+export async function savePretrained(
+  model: LlamaForCausalLM,
+  dir: string,
+  opts: { dtype?: "f16" | "f32" } = {},
+): Promise<void> {
   await makeDir(dir);
   const c = model.config;
   const config = {
@@ -295,7 +300,7 @@ export async function savePretrained(model: LlamaForCausalLM, dir: string): Prom
     attention_bias: c.attentionBias,
     mlp_bias: c.mlpBias,
     hidden_act: "silu",
-    torch_dtype: model.model.embed_tokens.weight.dtype === "f16" ? "float16" : "float32",
+    torch_dtype: (opts.dtype ?? model.model.embed_tokens.weight.dtype) === "f16" ? "float16" : "float32",
   };
   if (c.ropeInterleaved) {
     throw new Error(
@@ -306,7 +311,7 @@ export async function savePretrained(model: LlamaForCausalLM, dir: string): Prom
   const tensors: Record<string, TensorToSave> = {};
   for (const [name, t] of model.namedParameters()) {
     const data = await t.toArray();
-    tensors[name] = t.dtype === "f16"
+    tensors[name] = (opts.dtype ?? t.dtype) === "f16"
       ? { dtype: "F16", shape: t.shape, data: f32ArrayToF16(data as Float32Array) }
       : { dtype: "F32", shape: t.shape, data: data as Float32Array };
   }

@@ -344,7 +344,11 @@ Deno.test("NF4 kernels: every tile config, both pipelines, forward and input gra
   const dense = referenceDense(await readNf4(q));
   const x = randomArray(M * K, seed + 1);
   const g = randomArray(M * N, seed + 2);
-  const tiles: Nf4Tile[] = [...Object.values(NF4_TILES), { ...NF4_TILES.small, pipeline: "direct" }];
+  const tiles: Nf4Tile[] = [
+    ...Object.values(NF4_TILES),
+    { ...NF4_TILES.small, pipeline: "direct" },
+    { ...NF4_TILES.medium, pipeline: "double" },
+  ];
   for (const tile of tiles) {
     const plan: Nf4Plan = { kind: "tile", tile };
     const dtype: F = tile.bm === 128 ? "f16" : "f32";
