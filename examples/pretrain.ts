@@ -9,7 +9,7 @@
  * deno run -A examples/pretrain.ts --out runs/pretrain --max-steps 20 --dim 32 --batch 4
  * ```
  *
- * Text: the sentences of SST-2's training split (labels unused; the dev split is never read) from `--sst2 DIR`
+ * Text: the sentences of SST-2's training split (labels unused; the dev split is never read) from `--data DIR`
  * (default `$SST2_DIR`), and every `.txt` file under `--corpora DIR` (default `$WEBTUNE_SHARED/data/corpora`),
  * split into paragraphs at blank lines. Each document becomes `<s> … </s>`; the token stream is cut into
  * `--seq`-token rows, 1 % of them held out for a validation loss. Tokenizer: Llama-2's (`--tokenizer`, default
@@ -51,7 +51,8 @@ import { savePretrained } from "../nn/loader.ts";
 import { cliMain } from "./sst2/run.ts";
 import { progressLine } from "../peft/trainer.ts";
 
-const USAGE = "usage: deno run -A examples/pretrain.ts --out DIR [--sst2 DIR] [--corpora DIR] [--tokenizer FILE] " +
+const USAGE =
+  "usage: deno run -A examples/pretrain.ts --out DIR [--data SST2_DIR] [--corpora DIR] [--tokenizer FILE] " +
   "[--dim 64] [--layers 4] [--heads 8] [--hidden 192] [--seq 128] [--batch 32] [--lr 3e-3] [--warmup 0.02] " +
   "[--epochs 2] [--max-steps N] [--seed 0] [--time-limit SECONDS]";
 
@@ -78,42 +79,28 @@ function intFlag(flags: Record<string, unknown>, name: string): number {
   return v;
 }
 
+/** Flags with a default value (all strings, as parsed). */
+const DEFAULTS = {
+  dim: "64",
+  layers: "4",
+  heads: "8",
+  hidden: "192",
+  seq: "128",
+  batch: "32",
+  lr: "3e-3",
+  warmup: "0.02",
+  epochs: "2",
+  seed: "0",
+};
+
 async function main(): Promise<void> {
   const flags = parseArgs(Deno.args, {
-    string: [
-      "out",
-      "sst2",
-      "corpora",
-      "tokenizer",
-      "dim",
-      "layers",
-      "heads",
-      "hidden",
-      "seq",
-      "batch",
-      "lr",
-      "warmup",
-      "epochs",
-      "max-steps",
-      "time-limit",
-      "seed",
-    ],
+    string: ["out", "data", "corpora", "tokenizer", "max-steps", "time-limit", ...Object.keys(DEFAULTS)],
     boolean: ["help"],
-    default: {
-      dim: "64",
-      layers: "4",
-      heads: "8",
-      hidden: "192",
-      seq: "128",
-      batch: "32",
-      lr: "3e-3",
-      warmup: "0.02",
-      epochs: "2",
-      seed: "0",
-    },
+    default: DEFAULTS,
   });
   if (flags.help) return void console.log(USAGE);
-  if (!flags.out) throw new Error(`--out DIR is required (where config.json and model.safetensors go)\n${USAGE}`);
+  if (!flags.out) throw new Error("--out DIR is required (where config.json and model.safetensors go); see --help");
   const outDir = flags.out as string;
   const [dim, layers, heads, hidden, seq, batch, epochs] = [
     "dim",
@@ -138,7 +125,7 @@ async function main(): Promise<void> {
   }
   const tok = await Tokenizer.load(tokPath);
   const docs: { source: string; texts: string[] }[] = [];
-  const sst2Dir = await resolveSst2Dir(flags.sst2 as string | undefined);
+  const sst2Dir = await resolveSst2Dir(flags.data as string | undefined);
   docs.push({ source: "SST-2 train sentences", texts: (await loadSst2Split(sst2Dir, "train")).map((e) => e.sentence) });
   const corpora = (flags.corpora as string | undefined) ?? (shared ? joinPath(shared, "data/corpora") : undefined);
   if (corpora) {

@@ -8,7 +8,7 @@
  * - `loss.svg`: both training-loss curves against optimizer steps, smoothed, like the study's Figure 1.
  *
  * ```sh
- * deno run -A examples/sst2_compare.ts                                        # random:tiny; on a CPU adapter a subset
+ * deno run -A examples/sst2_compare.ts                                        # mini-llama; on a CPU adapter a subset
  * deno run -A examples/sst2_compare.ts --model ./Llama-2-7b-hf                # the study
  * deno run -A examples/sst2_compare.ts --model random:llama-2-7b --max-steps 50   # speed and memory, no accuracy
  * ```

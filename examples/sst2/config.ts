@@ -448,9 +448,21 @@ export async function loadExperimentConfig(argv: string[], opts: LoadOptions): P
   }
   if (!isObject(doc)) throw new ConfigError(`${where}: expected a mapping of settings at the top level`);
 
-  // 1. The file's own settings.
+  // 1. The file's own settings, and every section's keys checked before the model is looked for.
   const { models, cpu, ...base } = doc;
   checkKeys(base, SETTINGS, where);
+  if (models !== undefined && models !== null) {
+    if (!isObject(models)) throw new ConfigError(`${where}: "models" must map model names to settings`);
+    for (const [key, section] of Object.entries(models)) {
+      if (!isObject(section)) throw new ConfigError(`${where}: models."${key}" must be a mapping of settings`);
+      checkKeys(section, SETTINGS, `${where} (models."${key}")`);
+    }
+  }
+  if (cpu !== undefined && cpu !== null) {
+    if (!isObject(cpu)) throw new ConfigError(`${where}: "cpu" must be a mapping of settings`);
+    const { note: _note, ...settings } = cpu;
+    checkKeys(settings, SETTINGS, `${where} (cpu)`);
+  }
   const origins: Origins = new Map();
   const raw: Raw = {};
   mergeInto(raw, base, where, origins);
@@ -463,38 +475,38 @@ export async function loadExperimentConfig(argv: string[], opts: LoadOptions): P
     if (v === undefined) continue;
     flagEntries.push([path, flagValue(name, kind, v as string | boolean), `--${name}`]);
   }
-  const modelSpec = (flagEntries.find(([p]) => p === "model")?.[1] ?? raw.model ?? "random:tiny") as string;
+  const modelFlag = flagEntries.find(([p]) => p === "model")?.[1] as string | undefined;
+  const modelSpec = (modelFlag ?? raw.model ?? "random:tiny") as string;
   if (typeof modelSpec !== "string") throw new ConfigError(`${where}: "model" must be a string`);
-  const modelSource = await resolveModel(modelSpec);
+  // A relative path written in the YAML file is relative to that file; a --model path to the working directory.
+  const modelSource = await resolveModel(
+    modelFlag === undefined && isRelativePath(modelSpec) ? relativeTo(configPath, modelSpec) : modelSpec,
+  );
   const modelParameters = llamaParameterCount(modelSource.config);
   const flagged = new Set(flagEntries.map(([p]) => p));
 
   // 2. Per-model overrides.
-  if (models !== undefined && models !== null) {
-    if (!isObject(models)) throw new ConfigError(`${where}: "models" must map model names to settings`);
-    for (const [key, section] of Object.entries(models)) {
-      if (!isObject(section)) throw new ConfigError(`${where}: models."${key}" must be a mapping of settings`);
-      checkKeys(section, SETTINGS, `${where} (models."${key}")`);
-    }
+  if (isObject(models)) {
     const size = modelParameters < SMALL_MODEL_LIMIT ? "small" : "large";
-    const key = modelSpec in models ? modelSpec : size in models ? size : null;
+    // A key names the model as the YAML would: a preset, or a directory or file relative to the YAML file.
+    const here = modelSource.kind === "random" ? null : absolutePath(modelSource.path);
+    const named = Object.keys(models).find((k) =>
+      k === modelSpec || (here !== null && isRelativePath(k) && absolutePath(relativeTo(configPath, k)) === here)
+    );
+    const key = named ?? (size in models ? size : null);
     if (key !== null && models[key]) {
       const changed = mergeInto(raw, models[key] as Raw, `${where} models."${key}"`, origins)
         .filter((p) => !flagged.has(p));
       if (changed.length > 0) {
-        const why = key === modelSpec
-          ? `settings for ${modelSpec}`
-          : `${key} model (${fmtCount(modelParameters)} parameters)`;
+        const why = key === named ? `settings for ${key}` : `${key} model (${fmtCount(modelParameters)} parameters)`;
         notes.push(`${why}: ${changed.map((p) => `${p} = ${fmtValue(getPath(raw, p))}`).join(", ")}`);
       }
     }
   }
 
   // 3. CPU adapter defaults.
-  if (cpu !== undefined && cpu !== null) {
-    if (!isObject(cpu)) throw new ConfigError(`${where}: "cpu" must be a mapping of settings`);
+  if (isObject(cpu)) {
     const { note, ...settings } = cpu;
-    checkKeys(settings, SETTINGS, `${where} (cpu)`);
     if (opts.cpu) {
       const changed = mergeInto(raw, settings, `${where} cpu`, origins).filter((p) => !flagged.has(p));
       if (changed.length > 0) {
@@ -525,6 +537,33 @@ export async function loadExperimentConfig(argv: string[], opts: LoadOptions): P
   );
   cfg.data = await resolveData(raw.data as string | null | undefined);
   return cfg;
+}
+
+/** True for a relative file path (not a preset, not absolute). */
+function isRelativePath(spec: string): boolean {
+  return !spec.startsWith("random:") && !spec.startsWith("/") && !/^[A-Za-z]:[\\/]/.test(spec);
+}
+
+/** `path` with `.`, `..` and repeated `/` folded (relative paths stay relative). */
+function normalizePath(path: string): string {
+  const out: string[] = [];
+  for (const part of path.split("/")) {
+    if (part === "." || part === "") {
+      if (out.length === 0) out.push(part); // keep the leading "" of an absolute path
+    } else if (part === ".." && out.length > 0 && out[out.length - 1] !== "..") out.pop();
+    else out.push(part);
+  }
+  return out.join("/") || ".";
+}
+
+/** `rel` resolved against the directory of the file `file`. */
+function relativeTo(file: string, rel: string): string {
+  return normalizePath([...file.split("/").slice(0, -1), rel].join("/"));
+}
+
+/** An absolute, normalised path (relative ones against the working directory). */
+function absolutePath(path: string): string {
+  return normalizePath(path.startsWith("/") ? path : `${Deno.cwd()}/${path}`);
 }
 
 function fmtValue(v: unknown): string {

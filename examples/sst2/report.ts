@@ -535,7 +535,7 @@ export async function writeReport(
   const md = resultsMarkdown(runs, skipped);
   await writeText(joinPath(outDir, "results.md"), md);
   const title = first
-    ? `Training loss on SST-2 — ${runs.map((r) => r.label).join(" vs ")} (${first.model})`
+    ? `Training loss on SST-2 — ${runs.map((r) => r.label).join(" vs ")} (${first.model.split("/").filter(Boolean).pop() ?? first.model})`
     : "Training loss on SST-2";
   const svg = lossSvg(
     runs.map((r) => ({ label: r.label, steps: r.train.losses.map((_, i) => i + 1), losses: r.train.losses })),

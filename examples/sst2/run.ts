@@ -326,6 +326,13 @@ export async function runExperiment(cfg: ExperimentConfig, opts: RunOptions = {}
           `${m.unparseable} unparseable; log-likelihood accuracy ${pct(m.logprobAccuracy)}; always answering the ` +
           `majority label would score ${pct(majorityAccuracy)} (${m.n} sentences, ${evalMetrics.seconds.toFixed(1)} s)`,
       );
+      if (accuracyMeaningful && m.n > 0 && m.unparseable === m.n) {
+        notes.push(
+          'greedy generation answered neither "Positive" nor "Negative" for any sentence, so the ' +
+            "generation accuracy is 0; the log-prob accuracy against the majority class shows what the adapters " +
+            "learned (a small base may never have seen the answer tokens: examples/models/mini-llama/README.md)",
+        );
+      }
     }
 
     const metrics: RunMetrics = {
