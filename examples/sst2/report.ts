@@ -534,8 +534,9 @@ export async function writeReport(
   await writeText(joinPath(outDir, "results.json"), JSON.stringify(results, null, 2) + "\n");
   const md = resultsMarkdown(runs, skipped);
   await writeText(joinPath(outDir, "results.md"), md);
+  const modelName = first?.model.split("/").filter(Boolean).pop() ?? first?.model; // a directory's own name
   const title = first
-    ? `Training loss on SST-2 — ${runs.map((r) => r.label).join(" vs ")} (${first.model.split("/").filter(Boolean).pop() ?? first.model})`
+    ? `Training loss on SST-2 — ${runs.map((r) => r.label).join(" vs ")} (${modelName})`
     : "Training loss on SST-2";
   const svg = lossSvg(
     runs.map((r) => ({ label: r.label, steps: r.train.losses.map((_, i) => i + 1), losses: r.train.losses })),
