@@ -209,6 +209,25 @@ Deno.test("config: every mistake is a one-line error that says what to do", asyn
   });
 });
 
+Deno.test("config: without WEBTUNE_SHARED the tokenizer is found in the shared folder that holds data/sst2", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "webtune-shared-" });
+  const saved = Deno.env.get("WEBTUNE_SHARED");
+  Deno.env.delete("WEBTUNE_SHARED");
+  try {
+    await Deno.mkdir(`${dir}/data/sst2`, { recursive: true });
+    await Deno.mkdir(`${dir}/models/llama2-tokenizer`, { recursive: true });
+    await Deno.writeTextFile(`${dir}/models/llama2-tokenizer/tokenizer.model`, "not read by config tests");
+    const cfg = await loadExperimentConfig(["--data", `${dir}/data/sst2/`], { method: "lora" });
+    assertEquals(cfg.tokenizer, `${dir}/models/llama2-tokenizer/tokenizer.model`);
+    // Elsewhere, the error says what to pass.
+    await Deno.mkdir(`${dir}/elsewhere`);
+    await assertConfigError(["--data", `${dir}/elsewhere`], "lora", "no tokenizer", "--tokenizer", "WEBTUNE_SHARED");
+  } finally {
+    if (saved !== undefined) Deno.env.set("WEBTUNE_SHARED", saved);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("config: presets, and parameter counts that match the models' own", () => {
   assertEquals(presetNames().sort(), ["random:llama-2-7b", "random:micro", "random:tiny"]);
   assertEquals(llamaParameterCount(llamaPreset("llama-2-7b")), 6_738_415_616);

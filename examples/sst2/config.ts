@@ -530,12 +530,13 @@ export async function loadExperimentConfig(argv: string[], opts: LoadOptions): P
   raw.model = modelSpec;
 
   const cfg = validate(raw, origins, where, opts, modelSource, modelParameters, configPath, notes);
+  cfg.data = await resolveData(raw.data as string | null | undefined);
   cfg.tokenizer = await resolveTokenizer(
     raw.tokenizer as string | null | undefined,
     modelSource,
     cfg.modelSource.config,
+    cfg.data,
   );
-  cfg.data = await resolveData(raw.data as string | null | undefined);
   return cfg;
 }
 
@@ -591,6 +592,7 @@ async function resolveTokenizer(
   given: string | null | undefined,
   src: ModelSource,
   arch: LlamaConfig,
+  dataDir: string,
 ): Promise<string> {
   if (given) {
     if (!(await exists(given))) throw new ConfigError(`--tokenizer ${given}: no such file`);
@@ -602,8 +604,11 @@ async function resolveTokenizer(
       if (await exists(p)) return p;
     }
   }
-  const shared = env("WEBTUNE_SHARED");
-  if (shared) {
+  // The shared folder: $WEBTUNE_SHARED, else the one holding the data when it sits at <shared>/data/sst2.
+  const data = normalizePath(dataDir);
+  const fromData = /(^|\/)data\/sst2$/.test(data) ? data.slice(0, -"data/sst2".length) || "." : undefined;
+  for (const shared of [env("WEBTUNE_SHARED"), fromData]) {
+    if (!shared) continue;
     const p = joinPath(shared, "models/llama2-tokenizer/tokenizer.model");
     if (await exists(p)) {
       if (arch.vocabSize < 32000) {
@@ -618,7 +623,7 @@ async function resolveTokenizer(
   throw new ConfigError(
     `no tokenizer: pass --tokenizer path/to/tokenizer.model (Llama-2's SentencePiece model), use a Hugging Face ` +
       `--model directory that holds tokenizer.model, or set WEBTUNE_SHARED to the shared folder ` +
-      `(it holds models/llama2-tokenizer/tokenizer.model)`,
+      `(it holds models/llama2-tokenizer/tokenizer.model; so does the folder above data/sst2 in that layout)`,
   );
 }
 
