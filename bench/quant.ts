@@ -281,6 +281,26 @@ for (const [m0, k0, n0] of shapes) {
         row.best = { plan: nf4PlanName(plan), value: metric(ms) };
       }
     }
+    if (gemv) {
+      // Diagnostic: the same GEMV over f32 absmax (no double quantization), to see what the nested lookup costs.
+      const q32 = quantizeNf4Gpu(W, { blockSize: 64, doubleQuant: false });
+      const dq32 = dequantizeNf4Gpu(q32, "f32");
+      const dense32 = await dq32.toArray() as Float32Array;
+      dq32.dispose();
+      const bytes32 = nf4Bytes(q32) + (M * K + M * N) * 2;
+      await measure(
+        { ...base, impl: "webtune-nf4-no-dq", sweep: true, plan: row.plan },
+        () => void nf4Matmul(x, q32, { into: Y }),
+        () => checkRows(Y, x, dense32, { M, N, K, bT: true }),
+        (ms) => ({
+          gbps: bytes32 / (ms / 1e3) / 1e9,
+          weight_bits: (8 * nf4Bytes(q32)) / (N * K),
+          ...(copyGbps ? { copy_frac: bytes32 / (ms / 1e3) / 1e9 / copyGbps } : {}),
+          ...(nf4ms ? { vs_dq: ms / nf4ms } : {}),
+        }),
+      );
+      disposeNf4(q32);
+    }
   }
 
   // Input gradient (training shapes): dX[M, K] = G[M, N] · W.
