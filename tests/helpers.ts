@@ -10,6 +10,7 @@
  * ```
  * @module
  */
+import { assertLess } from "@std/assert";
 import { init } from "../mod.ts";
 import { env } from "../core/platform.ts";
 
@@ -170,4 +171,29 @@ export async function loadFixture(path: string): Promise<{
     return Array.from({ length: B }, (_, b) => Array.from(d.subarray(b * T, (b + 1) * T)));
   };
   return { get, rows };
+}
+
+/**
+ * Double-quantized absmax values against the exact ones, in the form that holds for every draw (see
+ * tests/nf4_reference_test.ts): mean relative change < 0.25 %, 99th percentile < 1 %, and every value within half a
+ * bin of the 8-bit map's top decade (0.9/64/2 ≈ 0.0071 of its 256-block's scale). The maximum relative change has no
+ * hard bound (a small absmax in a block whose scale is set by a large one can move by over 1 % of itself).
+ */
+export function assertAbsmaxDoubleQuantized(
+  rebuilt: ArrayLike<number>,
+  exact: ArrayLike<number>,
+  scale: ArrayLike<number>,
+  context: string,
+): void {
+  const relative = Float64Array.from({ length: exact.length }, (_, i) => Math.abs(rebuilt[i] - exact[i]) / exact[i])
+    .sort();
+  const mean = relative.reduce((a, b) => a + b, 0) / relative.length;
+  const p99 = relative[Math.floor(0.99 * relative.length)];
+  const what = `${context}: mean ${mean}, 99th percentile ${p99}, max ${relative.at(-1)}`;
+  assertLess(mean, 0.0025, what);
+  assertLess(p99, 0.01, what);
+  for (let i = 0; i < exact.length; i++) {
+    const bound = 0.0071 * scale[Math.floor(i / 256)] + 2 ** -22 * exact[i];
+    assertLess(Math.abs(rebuilt[i] - exact[i]), bound, `${what}, value ${i}`);
+  }
 }

@@ -5,6 +5,7 @@
  * setting WEBTUNE_TEST_SEED.
  */
 import { assert, assertAlmostEquals, assertEquals, assertLess, assertThrows } from "@std/assert";
+import { assertAbsmaxDoubleQuantized } from "./helpers.ts";
 import {
   dynamicMap,
   nearestMapIndex,
@@ -405,17 +406,7 @@ Deno.test("double quantization changes N(0,σ) block absmax values by 0.16% on a
   for (const [k, sigma] of [0.01, 0.03, 0.1, 0.3, 1].entries()) {
     const q = quantizeNf4(normals(64 * 8192, sigma, SEED + 10 + k));
     const dq = quantizeAbsmax(q.absmax);
-    const rebuilt = dequantizeAbsmax(dq);
-    const relative = Float64Array.from(rebuilt, (r, i) => Math.abs(r - q.absmax[i]) / q.absmax[i]).sort();
-    const mean = relative.reduce((a, b) => a + b, 0) / relative.length;
-    const p99 = relative[Math.floor(0.99 * relative.length)];
-    const context = `σ = ${sigma}: mean ${mean}, 99th percentile ${p99}, max ${relative.at(-1)} (seed ${SEED})`;
-    assertLess(mean, 0.0025, context);
-    assertLess(p99, 0.01, context);
-    for (let i = 0; i < rebuilt.length; i++) {
-      const bound = 0.0071 * dq.scale[Math.floor(i / 256)] + 2 ** -22 * q.absmax[i];
-      assertLess(Math.abs(rebuilt[i] - q.absmax[i]), bound, `${context}, value ${i}`);
-    }
+    assertAbsmaxDoubleQuantized(dequantizeAbsmax(dq), q.absmax, dq.scale, `σ = ${sigma} (seed ${SEED})`);
   }
 });
 

@@ -14,7 +14,7 @@
  * Seeds are drawn fresh and printed in failure messages.
  */
 import { assert, assertEquals, assertLess, assertStringIncludes, assertThrows } from "@std/assert";
-import { assertClose, freshSeed, matmul64, randomArray, rng, setup } from "./helpers.ts";
+import { assertAbsmaxDoubleQuantized, assertClose, freshSeed, matmul64, randomArray, rng, setup } from "./helpers.ts";
 import { fromArray, getGpu, memoryStats, noGrad, resetPeakMemory, scope } from "../mod.ts";
 import { roundToF16 } from "../core/half.ts";
 import { NF4_TILES, type Nf4Tile } from "../core/kernels/nf4.ts";
@@ -230,7 +230,7 @@ Deno.test("dequantize(quantize(W)) on the GPU equals the reference bit for bit; 
   // The analytic MAE of NF4 with blocks of 64 for N(0, 1) weights is 0.0727955 (numerical integration in
   // tests/nf4_reference_test.ts). 2^20 fresh weights give a standard error of ~7e-5; allowed: 5 of them.
   // Measured (3 seeds): 0.072816, 0.072704, 0.072736; double quantization adds ~7e-5 (0.07289, 0.07278, 0.07281)
-  // and moves each rebuilt absmax by under 1%.
+  // and moves the rebuilt absmax values by under 1% (mean and 99th percentile; each within half a map bin).
   const seed = freshSeed();
   const n = 1 << 20;
   const w = randomArray(n, seed);
@@ -257,11 +257,8 @@ Deno.test("dequantize(quantize(W)) on the GPU equals the reference bit for bit; 
     const se = Math.sqrt(variance / (blockMeans.length - 1) / blockMeans.length);
     assertLess(Math.abs(mae - 0.0727955), 5 * se + (doubleQuant ? 2e-4 : 0), `MAE ${mae} (seed ${seed})`);
     if (doubleQuant) {
-      const exact = quantizeNf4(w).absmax;
-      const rebuilt = dequantizeAbsmax((cpu as Nf4DoubleQuantized).quantizedAbsmax);
-      let worst = 0;
-      for (let i = 0; i < exact.length; i++) worst = Math.max(worst, Math.abs(rebuilt[i] - exact[i]) / exact[i]);
-      assertLess(worst, 0.01, `absmax changed by ${worst} relative (seed ${seed})`);
+      const dq = (cpu as Nf4DoubleQuantized).quantizedAbsmax;
+      assertAbsmaxDoubleQuantized(dequantizeAbsmax(dq), quantizeNf4(w).absmax, dq.scale, `GPU absmax (seed ${seed})`);
     }
     disposeNf4(q);
   }
