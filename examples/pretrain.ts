@@ -38,6 +38,7 @@ import {
   makeDir,
   onInterrupt,
   readText,
+  writeProgress,
   writeText,
 } from "../core/platform.ts";
 import { cosineWithWarmup, LRScheduler } from "../core/schedule.ts";
@@ -251,13 +252,13 @@ async function main(): Promise<void> {
           elapsed.toFixed(2)
         }\n`,
       );
-      Deno.stderr.writeSync(new TextEncoder().encode(`\r${progressLine(entry, totalSteps)}`));
+      writeProgress(progressLine(entry, totalSteps), entry.step === totalSteps);
     });
   }
   await pending;
   stopListening();
   const trainSeconds = (performance.now() - t0) / 1000;
-  console.error(stopReason ? `\n[pretrain] stopped after ${stepsDone} of ${totalSteps} steps (${stopReason})` : "");
+  if (stopReason) console.error(`\n[pretrain] stopped after ${stepsDone} of ${totalSteps} steps (${stopReason})`);
 
   // ---- held-out loss, save -----------------------------------------------------------------------------------------
   model.eval();
