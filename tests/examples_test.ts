@@ -474,6 +474,25 @@ Deno.test({
       const svg = await Deno.readTextFile(`${out}/loss.svg`);
       checkXml(svg);
       assertEquals([...svg.matchAll(/<path class="curve"/g)].length, ran.length);
+
+      // --resume continues each method from its last checkpoint: one more step, loss.csv appended.
+      const args = ["--model", "random:micro", "--data", SST2_DIR!, "--train-samples", "6", "--batch-size", "3"];
+      const more = [...args, "--grad-accum", "1", "--eval-samples", "4", "--seed", String(seed), "--out", out];
+      const resumed = await runCompare([...more, "--max-steps", "3", "--resume"], {
+        verbose: false,
+        run: { speedTokens: 4 },
+      });
+      for (const run of resumed.runs) {
+        assertEquals(run.train.steps, 3);
+        const csv = (await Deno.readTextFile(`${out}/${run.method}/loss.csv`)).trim().split("\n");
+        assertEquals(csv.map((l) => l.split(",")[0]), ["step", "1", "2", "3"]);
+      }
+      const fresh = `${out}/fresh`;
+      await assertRejects(
+        () => runCompare([...more.slice(0, -1), fresh, "--resume"], { verbose: false }),
+        Error,
+        "no checkpoint",
+      );
       emptyCache();
       // Both models, their optimizer state and the matmul scratch were freed: what stays (RoPE tables) is a few KiB,
       // far below one model's weights and adapters (micro: 8.3 MiB).

@@ -81,6 +81,8 @@ export interface TrainSettings {
   groupByLength: boolean;
   /** Recompute decoder layers in backward instead of storing activations. */
   gradientCheckpointing: boolean;
+  /** Continue from `<out>/last-checkpoint` (adapter, optimizer state, step) instead of starting over. */
+  resume: boolean;
 }
 
 /** Evaluation settings. */
@@ -181,6 +183,7 @@ const SETTINGS: Schema = {
     seed: "int",
     group_by_length: "bool",
     gradient_checkpointing: "bool",
+    resume: "bool",
   },
   eval: { batch_size: "int", max_new_tokens: "int", samples: "int?" },
 };
@@ -212,6 +215,7 @@ const FLAGS: Record<string, [string, FlagKind]> = {
   alpha: ["lora.alpha", "number"],
   seed: ["train.seed", "int"],
   "gradient-checkpointing": ["train.gradient_checkpointing", "bool"],
+  resume: ["train.resume", "bool"],
   "eval-samples": ["eval.samples", "int|all"],
 };
 
@@ -223,7 +227,7 @@ export function usage(script: string, extra = ""): string {
   return `usage: deno run -A ${script} [--config FILE.yaml] [--model random:tiny|random:llama-2-7b|HF_DIR|FILE.bin] ` +
     `[--tokenizer tokenizer.model] [--data SST2_DIR] [--out DIR] [--epochs N] [--max-steps N|all] ` +
     `[--train-samples N|all] [--batch-size N] [--grad-accum N] [--lr X] [--rank R] [--alpha A] [--seed S] ` +
-    `[--gradient-checkpointing] [--eval-samples N|all]${extra}`;
+    `[--gradient-checkpointing] [--resume] [--eval-samples N|all]${extra}`;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -423,7 +427,7 @@ export async function loadExperimentConfig(argv: string[], opts: LoadOptions): P
   try {
     flags = parseArgs(argv, {
       string: FLAG_NAMES.filter((f) => FLAGS[f]?.[1] !== "bool"),
-      boolean: ["gradient-checkpointing"],
+      boolean: FLAG_NAMES.filter((f) => FLAGS[f]?.[1] === "bool"),
     });
   } catch (e) {
     throw new ConfigError((e as Error).message);
@@ -753,6 +757,7 @@ function validate(
     seed: get<number>("train.seed", (v) => v >= 0 && v < 2 ** 32 ? null : "the seed must be an integer in [0, 2^32)"),
     groupByLength: get<boolean>("train.group_by_length"),
     gradientCheckpointing: get<boolean>("train.gradient_checkpointing"),
+    resume: get<boolean>("train.resume"),
   };
   const evalSettings: EvalSettings = {
     batchSize: get<number>("eval.batch_size", positiveInt("the eval batch size")),
