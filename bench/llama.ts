@@ -94,6 +94,70 @@ export function benchModelConfig(
   return { cfg, tag };
 }
 
+/** What {@linkcode parseModelBenchArgs} returns: the model, batch and generation sizes, and the script's own flags. */
+export interface ModelBenchArgs {
+  /** The common benchmark flags (`--json`, `--quick`, `--smoke`, …). */
+  flags: BenchFlags;
+  /** The script's own flags (the names passed as `extra` and `booleans`). */
+  own: Record<string, string | boolean>;
+  /** `--preset` (default llama-2-7b). */
+  preset: string;
+  /** The architecture after `--layers` / `--vocab`, and its case-name tag. */
+  cfg: LlamaConfig;
+  tag: string;
+  /** `--batch` and `--seq` of the prefill / training batch. */
+  B: number;
+  T: number;
+  /** `--prompt-tokens` and `--new-tokens` of the decoding case. */
+  promptTokens: number;
+  newTokens: number;
+}
+
+/**
+ * Parses the flags the model benchmarks share (`--preset --layers --vocab --batch --seq --prompt-tokens
+ * --new-tokens` and the common ones) plus the script's `extra` value flags and `booleans`. Prints `usage` and
+ * returns null for `--help`; exits with status 2 and the usage on an unknown flag.
+ *
+ * @example
+ * ```ts
+ * const args = parseModelBenchArgs(Deno.args, "usage: …", ["warmup"]);
+ * if (args) console.log(args.tag, args.B, args.own.warmup);
+ * ```
+ */
+export function parseModelBenchArgs(
+  argv: string[],
+  usage: string,
+  extra: string[] = [],
+  booleans: string[] = [],
+): ModelBenchArgs | null {
+  const shared = ["preset", "layers", "vocab", "batch", "seq", "prompt-tokens", "new-tokens"];
+  const { own, rest } = takeFlags(argv, [...shared, ...extra], ["help", ...booleans]);
+  if (own.help) {
+    console.log(usage);
+    return null;
+  }
+  let flags: BenchFlags;
+  try {
+    flags = benchFlags(rest);
+  } catch (e) {
+    console.error(`${(e as Error).message.split(". Known flags")[0]}\n${usage}`);
+    Deno.exit(2);
+  }
+  const preset = (own.preset as string | undefined) ?? "llama-2-7b";
+  const layers = own.layers === undefined ? undefined : intFlag(own.layers, "layers", 1);
+  const vocab = own.vocab === undefined ? undefined : intFlag(own.vocab, "vocab", 32000);
+  return {
+    flags,
+    own,
+    preset,
+    ...benchModelConfig(preset, layers, vocab),
+    B: intFlag(own.batch, "batch", flags.smoke ? 2 : 8),
+    T: intFlag(own.seq, "seq", flags.smoke ? 16 : 64),
+    promptTokens: intFlag(own["prompt-tokens"], "prompt-tokens", flags.smoke ? 8 : 32),
+    newTokens: intFlag(own["new-tokens"], "new-tokens", flags.smoke ? 16 : 128),
+  };
+}
+
 /**
  * A LLaMA with random weights in `dtype`, drawn on the GPU; waits until they exist and says how long it took.
  *
@@ -241,30 +305,9 @@ const USAGE =
        [--budget SECONDS]`;
 
 async function main(): Promise<void> {
-  const { own, rest } = takeFlags(
-    Deno.args,
-    ["preset", "layers", "vocab", "batch", "seq", "prompt-tokens", "new-tokens"],
-    ["help"],
-  );
-  if (own.help) {
-    console.log(USAGE);
-    return;
-  }
-  let flags: BenchFlags;
-  try {
-    flags = benchFlags(rest);
-  } catch (e) {
-    console.error(`${(e as Error).message.split(". Known flags")[0]}\n${USAGE}`);
-    Deno.exit(2);
-  }
-  const preset = (own.preset as string | undefined) ?? "llama-2-7b";
-  const layers = own.layers === undefined ? undefined : intFlag(own.layers, "layers", 1);
-  const B = intFlag(own.batch, "batch", flags.smoke ? 2 : 8);
-  const T = intFlag(own.seq, "seq", flags.smoke ? 16 : 64);
-  const promptTokens = intFlag(own["prompt-tokens"], "prompt-tokens", flags.smoke ? 8 : 32);
-  const newTokens = intFlag(own["new-tokens"], "new-tokens", flags.smoke ? 16 : 128);
-  const vocab = own.vocab === undefined ? undefined : intFlag(own.vocab, "vocab", 32000);
-  const { cfg, tag } = benchModelConfig(preset, layers, vocab);
+  const args = parseModelBenchArgs(Deno.args, USAGE);
+  if (!args) return;
+  const { flags, preset, cfg, tag, B, T, promptTokens, newTokens } = args;
 
   await init();
   const log = new BenchLog(flags.json);

@@ -42,17 +42,8 @@ import { type LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM } from "../nn/lla
 import type { Module } from "../nn/module.ts";
 import { getPeftModel, type PeftModel } from "../peft/model.ts";
 import type { LinearLike } from "../peft/lora.ts";
-import { type BenchFlags, benchFlags, BenchLog, fmtNum, median, metaLine, textTable } from "./common.ts";
-import {
-  benchModelConfig,
-  buildRandomLlama,
-  GIB,
-  intFlag,
-  randomIds,
-  syncOverheadMs,
-  takeFlags,
-  timeDecode,
-} from "./llama.ts";
+import { BenchLog, fmtNum, median, metaLine, textTable } from "./common.ts";
+import { buildRandomLlama, GIB, intFlag, parseModelBenchArgs, randomIds, syncOverheadMs, timeDecode } from "./llama.ts";
 
 const TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 const LORA = { r: 16, alpha: 16, dropout: 0.1, targetModules: TARGETS };
@@ -173,48 +164,18 @@ const USAGE =
        [--new-tokens 128] [--quick] [--smoke] [--json FILE] [--only TEXT] [--budget SECONDS] [--quant-module FILE]`;
 
 async function main(): Promise<void> {
-  const { own, rest } = takeFlags(
-    Deno.args,
-    [
-      "preset",
-      "layers",
-      "vocab",
-      "bases",
-      "batch",
-      "seq",
-      "warmup",
-      "steps",
-      "prompt-tokens",
-      "new-tokens",
-      "quant-module",
-    ],
-    ["help", "answer", "decode"],
-  );
-  if (own.help) {
-    console.log(USAGE);
-    return;
-  }
-  let flags: BenchFlags;
-  try {
-    flags = benchFlags(rest);
-  } catch (e) {
-    console.error(`${(e as Error).message.split(". Known flags")[0]}\n${USAGE}`);
-    Deno.exit(2);
-  }
-  const preset = (own.preset as string | undefined) ?? "llama-2-7b";
-  const layers = own.layers === undefined ? undefined : intFlag(own.layers, "layers", 1);
-  const B = intFlag(own.batch, "batch", flags.smoke ? 2 : 8);
-  const T = intFlag(own.seq, "seq", flags.smoke ? 16 : 64);
+  const args = parseModelBenchArgs(Deno.args, USAGE, ["bases", "warmup", "steps", "quant-module"], [
+    "answer",
+    "decode",
+  ]);
+  if (!args) return;
+  const { flags, own, preset, cfg, tag, B, T, promptTokens, newTokens } = args;
   const warmup = own.warmup === "0" ? 0 : intFlag(own.warmup, "warmup", flags.smoke || flags.quick ? 1 : 3);
   const steps = intFlag(own.steps, "steps", flags.smoke ? 2 : flags.quick ? 3 : 10);
-  const promptTokens = intFlag(own["prompt-tokens"], "prompt-tokens", flags.smoke ? 8 : 32);
-  const newTokens = intFlag(own["new-tokens"], "new-tokens", flags.smoke ? 16 : 128);
   const bases = String(own.bases ?? "f16,nf4").split(",").filter(Boolean) as Base[];
   for (const b of bases) if (b !== "f16" && b !== "nf4") throw new Error(`--bases: unknown base "${b}" (f16, nf4)`);
   const withAnswer = own.answer !== false, withDecode = own.decode !== false;
   if (T <= ANSWER_TOKENS) throw new Error(`--seq must exceed ${ANSWER_TOKENS}`);
-  const vocab = own.vocab === undefined ? undefined : intFlag(own.vocab, "vocab", 32000);
-  const { cfg, tag } = benchModelConfig(preset, layers, vocab);
 
   await init();
   const log = new BenchLog(flags.json);
