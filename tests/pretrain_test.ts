@@ -58,6 +58,17 @@ Deno.test({
       assertEquals([model.config.hiddenSize, model.config.numHiddenLayers], [32, 2]);
       assert(model.config.tieWordEmbeddings && model.lm_head === null);
       const tok = await Tokenizer.load(`${SHARED}/models/llama2-tokenizer/tokenizer.model`);
+      // Rows of tokens the text never contains (" Pos", " Neg") were redrawn apart, not left as one shared vector.
+      assertStringIncludes(r.stderr, "never occur in the text");
+      const table = await model.model.embed_tokens.weight.toArray() as Float32Array;
+      const row = (id: number) => table.subarray(id * 32, (id + 1) * 32);
+      const [pos, neg] = [tok.encode(" Positive")[1], tok.encode(" Negative")[1]];
+      const seenRow = row(tok.encode("film")[0]);
+      const apart = Math.hypot(...row(pos).map((x, i) => x - row(neg)[i]));
+      assert(
+        apart > 0.5 * Math.hypot(...seenRow),
+        `unseen rows ${apart} apart; a seen row's norm ${Math.hypot(...seenRow)}`,
+      );
       const ids = tok.encode(rows[0].split("\t")[0].trim(), { bos: true });
       const { loss, logits } = model.forward([ids], { labels: [ids] });
       logits.dispose();

@@ -365,7 +365,8 @@ export function lossSvg(series: LossSeries[], opts: LossSvgOptions = {}): string
   const xTicks = niceTicks(0, Math.max(1, ...xs), 8, true);
   const [yMin, yMax] = ys.length ? [Math.min(...ys), Math.max(...ys)] : [0, 1];
   const pad = (yMax - yMin) * 0.03; // keep curves off the frame
-  const yTicks = niceTicks(yMin - pad, yMax + pad, 6);
+  // A loss is never negative: the axis starts at 0 at the lowest.
+  const yTicks = niceTicks(yMin >= 0 ? Math.max(0, yMin - pad) : yMin - pad, yMax + pad, 6);
   const [x0, x1] = [xTicks[0], xTicks[xTicks.length - 1]];
   const [y0, y1] = [yTicks[0], yTicks[yTicks.length - 1]];
   const X = (v: number) => m.left + ((v - x0) / (x1 - x0)) * pw;
