@@ -335,7 +335,12 @@ export class Trainer {
 
   private async resume(dir: string, opt: AdamW, sched: LRScheduler): Promise<number> {
     const statePath = joinPath(dir, "trainer_state.json");
-    if (!(await exists(statePath))) throw new Error(`--resume ${dir}: no trainer_state.json there (not a checkpoint)`);
+    if (!(await exists(statePath))) {
+      throw new Error(
+        `--resume ${dir}: no checkpoint there (no trainer_state.json, so not a checkpoint; a run writes one when it ` +
+          `ends or is interrupted): drop --resume to start over, or pass the --out of the run to continue`,
+      );
+    }
     const saved = JSON.parse(await readText(statePath));
     if (saved.seed !== this.cfg.seed) {
       throw new Error(`--resume ${dir}: it was trained with seed ${saved.seed}, this run has seed ${this.cfg.seed}`);

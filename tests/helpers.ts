@@ -197,3 +197,13 @@ export function assertAbsmaxDoubleQuantized(
     assertLess(Math.abs(rebuilt[i] - exact[i]), bound, `${what}, value ${i}`);
   }
 }
+
+const f32Scratch = new Float32Array(1);
+const f32Bits = new Int32Array(f32Scratch.buffer);
+/** The next f32 after `x` towards +∞ (`up`) or −∞ (for probing decision thresholds one ulp away). */
+export function nextF32(x: number, up: boolean): number {
+  f32Scratch[0] = x;
+  if (x === 0) return up ? 1e-45 : -1e-45;
+  f32Bits[0] += (x > 0) === up ? 1 : -1;
+  return f32Scratch[0];
+}

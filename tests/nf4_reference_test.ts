@@ -5,7 +5,7 @@
  * setting WEBTUNE_TEST_SEED.
  */
 import { assert, assertAlmostEquals, assertEquals, assertLess, assertThrows } from "@std/assert";
-import { assertAbsmaxDoubleQuantized } from "./helpers.ts";
+import { assertAbsmaxDoubleQuantized, nextF32 } from "./helpers.ts";
 import {
   dynamicMap,
   nearestMapIndex,
@@ -50,16 +50,6 @@ function generator(seed: number) {
 function normals(count: number, sigma: number, seed: number): Float32Array {
   const { normal } = generator(seed);
   return Float32Array.from({ length: count }, () => sigma * normal());
-}
-
-const f32 = new Float32Array(1);
-const f32Bits = new Int32Array(f32.buffer);
-/** The next f32 after `x` towards +∞ (`up`) or -∞. */
-function nextF32(x: number, up: boolean): number {
-  f32[0] = x;
-  if (x === 0) return up ? 1e-45 : -1e-45;
-  f32Bits[0] += (x > 0) === up ? 1 : -1;
-  return f32[0];
 }
 
 /** The NF4 index stored for element `i`. */

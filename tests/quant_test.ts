@@ -14,7 +14,16 @@
  * Seeds are drawn fresh and printed in failure messages.
  */
 import { assert, assertEquals, assertLess, assertStringIncludes, assertThrows } from "@std/assert";
-import { assertAbsmaxDoubleQuantized, assertClose, freshSeed, matmul64, randomArray, rng, setup } from "./helpers.ts";
+import {
+  assertAbsmaxDoubleQuantized,
+  assertClose,
+  freshSeed,
+  matmul64,
+  nextF32,
+  randomArray,
+  rng,
+  setup,
+} from "./helpers.ts";
 import { fromArray, getGpu, memoryStats, noGrad, resetPeakMemory, scope } from "../mod.ts";
 import { roundToF16 } from "../core/half.ts";
 import { NF4_TILES, type Nf4Tile } from "../core/kernels/nf4.ts";
@@ -70,16 +79,6 @@ function assertSame(actual: ArrayLike<number>, expected: ArrayLike<number>, labe
       expected[i]
     }; lengths ${actual.length}/${expected.length})`,
   );
-}
-
-const f32 = new Float32Array(1);
-const f32Bits = new Int32Array(f32.buffer);
-/** The next f32 after `x` towards +∞ (`up`) or −∞. */
-function nextF32(x: number, up: boolean): number {
-  f32[0] = x;
-  if (x === 0) return up ? 1e-45 : -1e-45;
-  f32Bits[0] += (x > 0) === up ? 1 : -1;
-  return f32[0];
 }
 
 /** Values as a tensor of `dtype` holds them. */

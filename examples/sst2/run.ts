@@ -29,7 +29,7 @@
 import { init } from "../../core/mod.ts";
 import { getGpu, gpuReady } from "../../core/gpu.ts";
 import { emptyCache, fmtBytes, memoryStats, resetPeakMemory } from "../../core/memory.ts";
-import { env, exists, joinPath, makeDir, writeProgress, writeText } from "../../core/platform.ts";
+import { env, joinPath, makeDir, writeProgress, writeText } from "../../core/platform.ts";
 import { releaseMatmulScratch } from "../../core/ops/matmul.ts";
 import { manualSeed } from "../../core/random.ts";
 import { scope } from "../../core/scope.ts";
@@ -258,16 +258,9 @@ export async function runExperiment(cfg: ExperimentConfig, opts: RunOptions = {}
     await warmUp(peft, examples.slice(0, cfg.train.batchSize), padId);
     manualSeed(cfg.train.seed + 2);
     resetPeakMemory();
-    const checkpoint = joinPath(cfg.out, "last-checkpoint");
-    if (cfg.train.resume && !(await exists(joinPath(checkpoint, "trainer_state.json")))) {
-      throw new Error(
-        `--resume: no checkpoint in ${checkpoint} (a run writes one when it ends or is interrupted); ` +
-          `drop --resume to start over, or pass the --out of the run to continue`,
-      );
-    }
     const trainer = new Trainer(peft, examples, {
       outDir: cfg.out,
-      resumeFrom: cfg.train.resume ? checkpoint : undefined,
+      resumeFrom: cfg.train.resume ? joinPath(cfg.out, "last-checkpoint") : undefined,
       epochs: cfg.train.epochs,
       maxSteps: cfg.train.maxSteps ?? undefined,
       batchSize: cfg.train.batchSize,
