@@ -355,11 +355,13 @@ Deno.test("NF4 kernels: every tile config, both pipelines, forward and input gra
     using dx = nf4MatmulInputGrad(gt, q, { plan });
     checkProduct(await dx.toArray(), matmul64(rounded(g, dtype), dense, M, N, K), dtype, `bwd ${JSON.stringify(tile)}`);
   }
-  for (const [threads, rowsPerGroup, rowsPerThread] of [[64, 2, 1], [128, 16, 4]]) {
-    using xt = fromArray(x.subarray(0, 3 * K), [3, K]);
+  const gemvs: [F, number, number, number][] = [["f32", 64, 2, 1], ["f32", 128, 16, 4], ["f16", 256, 8, 4]];
+  for (const [dtype, threads, rowsPerGroup, rowsPerThread] of gemvs) {
+    const rows = rounded(x.subarray(0, 3 * K), dtype);
+    using xt = fromArray(rows, [3, K], { dtype });
     using y = nf4Matmul(xt, q, { plan: { kind: "gemv", threads, rowsPerGroup, rowsPerThread } });
-    const label = `gemv ${threads}/${rowsPerGroup}/${rowsPerThread} (seed ${seed})`;
-    checkProduct(await y.toArray(), linearRef(x, dense, 3, K, N), "f32", label);
+    const label = `gemv ${dtype} ${threads}/${rowsPerGroup}/${rowsPerThread} (seed ${seed})`;
+    checkProduct(await y.toArray(), linearRef(rows, dense, 3, K, N), dtype, label);
   }
   // A CPU-quantized tensor uploaded to the GPU layout gives the same product.
   const up = uploadNf4(quantizeNf4(w, { blockSize: 32 }), [N, K]);
