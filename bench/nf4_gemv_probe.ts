@@ -104,6 +104,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   const random = new Uint32Array(weights / 8);
   for (let i = 0; i < random.length; i++) random[i] = (Math.random() * 2 ** 32) >>> 0;
   const packed = fromArray(random, [random.length], { dtype: "u32" }), out = Tensor.empty([threads], "f32");
+  const lutS = fromArray(NF4_CODE, [16]), pairS = Tensor.empty([512], "f16");
   const nib = (w: string, j: number) => `extractBits(${w}, ${(j >> 1) * 8 + ((j & 1) === 0 ? 4 : 0)}u, 4u)`;
   // Per word w (k = its place in the vec4, so each has its own accumulators): what one kind of decode costs.
   const pairs = (w: string) => `let b${w.slice(-2, -1)} = unpack4xU8(${w});`;
@@ -128,6 +129,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
       },
     ]),
     ["init-only-c32", 32, (w, k) => `bits${k} ^= ${w};`],
+    // Tables in storage buffers (read through L1): no index clamp from the shader compiler, no workgroup fill.
+    ["lut-f32-storage", 1, (w, k) => Array.from({ length: 8 }, (_, j) => `acc${k} += lutS[${nib(w, j)}];`).join(" ")],
+    [
+      "pair-f16-storage",
+      1,
+      (w, k) =>
+        `{ ${pairs(w)} h${k} = fma(pairS[b${k}.x], xh0, fma(pairS[b${k}.y], xh1, fma(pairS[b${k}.z], xh0, ` +
+        `fma(pairS[b${k}.w], xh1, h${k})))); }`,
+    ],
     // The pair table in f32 (vec2<f32>, 8 bytes): 16 copies are conflict-free (a 64-bit access is served per half-warp).
     ...[8, 16].map((c): [string, number, (w: string, k: number) => string] => [
       `pairf32-c${c}-u8`,
@@ -144,6 +154,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     const code = `enable f16;
 @group(0) @binding(1) var<storage, read> src: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(3) var<storage, read> lutS: array<f32>;
+@group(0) @binding(4) var<storage, read> pairS: array<vec2<f16>>;
 var<workgroup> lut: array<f32, 16>;
 var<workgroup> pair: array<vec2<f16>, ${256 * Math.max(c, 1)}>;
 var<workgroup> pairF: array<vec2<f32>, ${256 * Math.max(-c, 1)}>;
@@ -166,15 +178,20 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation
   let h = (h0 + h1) + (h2 + h3);
   dst[t] = (acc0 + acc1) + (acc2 + acc3) + f32((bits0 ^ bits1) ^ (bits2 ^ bits3)) + f32(h.x) + f32(h.y);
 }`;
-    const k = gpu.kernel({ name: `micro_${probe}`, code, bindings: ["read", "write"], uniforms: false });
-    const t = await timeGpu(() => gpu.dispatch(k, [packed.buffer, out.buffer], null, [threads / 256]), {
+    const k = gpu.kernel({
+      name: `micro_${probe}`,
+      code,
+      bindings: ["read", "write", "read", "read"],
+      uniforms: false,
+    });
+    const bufs = [packed.buffer, out.buffer, lutS.buffer, pairS.buffer];
+    const t = await timeGpu(() => gpu.dispatch(k, bufs, null, [threads / 256]), {
       ...flags,
       maxIters: 1000,
     });
     await log.emit({ suite: "quant-probe", case: "micro-45M", probe, ...t, gweights: weights / (t.ms / 1e3) / 1e9 });
   }
-  packed.dispose();
-  out.dispose();
+  for (const t of [packed, out, lutS, pairS]) t.dispose();
 }
 const bigBytes = Math.min(1 << 30, gpu.info.maxStorageBufferBindingSize);
 const big = await copyBandwidth(bigBytes, flags);
