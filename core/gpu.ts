@@ -36,6 +36,8 @@ export interface GpuInfo {
   maxComputeWorkgroupStorageSize: number;
   /** Most invocations in one workgroup. */
   maxComputeInvocationsPerWorkgroup: number;
+  /** Most storage buffers one kernel binds (the optimizers' multi-tensor kernels size their groups by it). */
+  maxStorageBuffersPerShaderStage: number;
 }
 
 /** Options of {@linkcode initGpu}. */
@@ -139,6 +141,7 @@ async function createGpu(options: GpuOptions): Promise<Gpu> {
     maxBufferSize: device.limits.maxBufferSize,
     maxComputeWorkgroupStorageSize: device.limits.maxComputeWorkgroupStorageSize,
     maxComputeInvocationsPerWorkgroup: device.limits.maxComputeInvocationsPerWorkgroup,
+    maxStorageBuffersPerShaderStage: device.limits.maxStorageBuffersPerShaderStage,
   }, options);
 }
 

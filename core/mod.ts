@@ -61,6 +61,7 @@ export {
   type AdamWOptions,
   type AdamWParamState,
   type AdamWStateDict,
+  clipCoefficient,
   clipGradNorm,
   scaleInPlace,
   SGD,

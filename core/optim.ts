@@ -2,8 +2,9 @@
  * Optimizers and gradient clipping that update tensors in place on the GPU, with the semantics of
  * `torch.optim.AdamW`, `torch.optim.SGD` and `torch.nn.utils.clip_grad_norm_`.
  *
- * Each optimizer step is one fused kernel per parameter (AdamW reads p, g, m, v and writes p, m, v); step-dependent
- * scalars such as AdamW's bias corrections are computed on the CPU from the step count and passed as uniforms, so
+ * AdamW's step is one fused kernel for up to 12 parameters (it reads p, g, m, v and writes p, m, v), so the dozens
+ * of small LoRA tensors of a model cost a few dispatches, like torch's `foreach` path; SGD's is one per parameter.
+ * Step-dependent scalars such as AdamW's bias corrections are computed on the CPU from the step count and passed as uniforms, so
  * a step never reads anything back. Optimizer state is f32 and kept (no `scope` frees it); parameters must be f32
  * (trainable weights are f32 in this project). Parameters whose `grad` is null are skipped, as in PyTorch.
  *
@@ -12,12 +13,12 @@
  *
  * @example
  * ```ts
- * import { AdamW, clipGradNorm } from "./optim.ts";
- * const opt = new AdamW(model.parameters(), { lr: 2e-4, weightDecay: 0 });
+ * import { AdamW, clipCoefficient } from "./optim.ts";
+ * const params = model.parameters();
+ * const opt = new AdamW(params, { lr: 2e-4, weightDecay: 0 });
  * scope(() => {
  *   model.forward(x).loss.backward();
- *   clipGradNorm(model.parameters(), 1.0);
- *   opt.step();
+ *   opt.step({ gradScale: clipCoefficient(params, 1.0).coef }); // clip_grad_norm_(1.0), then the update
  *   opt.zeroGrad();
  * });
  * ```
@@ -28,19 +29,20 @@ import type { DType } from "./dtype.ts";
 import { getGpu, type Kernel, type KernelSource } from "./gpu.ts";
 import { gridFor, UniformWriter } from "./kernels/common.ts";
 import {
-  ADAMW_UNIFORM_WORDS,
   adamwKernel,
+  adamwUniformWords,
   COMBINE_UNIFORM_WORDS,
   inPlaceThreads,
+  MULTI_MAX_SEGMENTS,
   normCombineKernel,
   OPTIM_WORKGROUP,
   SCALE_UNIFORM_WORDS,
   scaleByScalarKernel,
   SGD_UNIFORM_WORDS,
   sgdKernel,
-  SUMSQ_UNIFORM_WORDS,
   sumSquaresGroups,
   sumSquaresKernel,
+  sumSquaresUniformWords,
 } from "./kernels/optim.ts";
 import { keep } from "./scope.ts";
 import { fmtShape, Tensor } from "./tensor.ts";
@@ -89,6 +91,31 @@ function gradOf(opt: string, p: Tensor, i: number): Tensor | null {
   if (!g.isContiguous) throw new Error(`${opt}: gradient of ${describe(p, i)} is not row-major`);
   if (g.storage === p.storage) throw new Error(`${opt}: gradient of ${describe(p, i)} shares the parameter's memory`);
   return g;
+}
+
+/**
+ * Splits `items` into the groups one multi-tensor dispatch takes: items with equal `key` together, in order of first
+ * appearance, at most `max` per group.
+ */
+function dispatchGroups<T>(items: T[], max: number, key: (item: T) => string): T[][] {
+  const byKey = new Map<string, T[]>();
+  for (const it of items) {
+    const k = key(it);
+    const list = byKey.get(k);
+    if (list) list.push(it);
+    else byKey.set(k, [it]);
+  }
+  const groups: T[][] = [];
+  for (const list of byKey.values()) {
+    for (let i = 0; i < list.length; i += max) groups.push(list.slice(i, i + max));
+  }
+  return groups;
+}
+
+/** Tensors per multi-tensor dispatch when each needs `buffersEach` storage bindings and `extra` more are bound. */
+function segmentsPerDispatch(buffersEach: number, extra: number): number {
+  const fit = Math.floor((getGpu().info.maxStorageBuffersPerShaderStage - extra) / buffersEach);
+  return Math.max(1, Math.min(MULTI_MAX_SEGMENTS, fit));
 }
 
 function checkNumber(opt: string, name: string, v: number, ok: boolean, want: string): void {
@@ -195,11 +222,28 @@ export class AdamW {
     this.slots = this.params.map(() => null);
   }
 
-  /** Updates every parameter that has a gradient (one dispatch each; nothing is read back). */
-  step(): void {
+  /**
+   * Updates every parameter that has a gradient, up to {@linkcode MULTI_MAX_SEGMENTS} parameters per dispatch
+   * (fewer where the device binds fewer buffers); nothing is read back. `gradScale` (a one-element f32 tensor on
+   * the GPU, such as {@linkcode clipCoefficient}'s `coef`) multiplies every gradient inside the update, so clipping
+   * costs no pass over the gradients; the gradients themselves are left as they are.
+   */
+  step(opts: { gradScale?: Tensor } = {}): void {
     checkNumber("AdamW", "lr", this.lr, this.lr >= 0, "it must be ≥ 0");
+    const scale = opts.gradScale;
+    if (scale) {
+      scale.assertAlive("AdamW.step: gradScale");
+      if (scale.dtype !== "f32" || scale.numel !== 1 || scale.offset !== 0) {
+        throw new Error(
+          `AdamW.step: gradScale must be a one-element f32 tensor at offset 0, got ${scale.dtype} ${
+            fmtShape(scale.shape)
+          } at offset ${scale.offset}`,
+        );
+      }
+    }
     const [b1, b2] = this.betas;
     const gpu = getGpu();
+    const items: { p: Tensor; g: Tensor; s: AdamSlot }[] = [];
     this.params.forEach((p, i) => {
       p.assertAlive("AdamW.step");
       const g = gradOf("AdamW", p, i);
@@ -216,26 +260,33 @@ export class AdamW {
         throw new Error(`AdamW.step: the state of ${describe(p, i)} was disposed (only AdamW.dispose() may free it)`);
       }
       s.step++;
-      const n = p.numel;
-      if (n === 0) return;
-      // Scalars as torch computes them in Python (double precision), rounded to f32 for the kernel.
-      const biasCorrection1 = 1 - b1 ** s.step;
-      const biasCorrection2 = 1 - b2 ** s.step;
-      const u = new UniformWriter(ADAMW_UNIFORM_WORDS)
-        .u(0, n).u(1, p.offset).u(2, g.offset)
-        .f(4, 1 - this.lr * this.weightDecay)
-        .f(5, 1 - b1).f(6, b1).f(7, b2).f(8, 1 - b2)
-        .f(9, this.lr / biasCorrection1)
-        .f(10, Math.sqrt(biasCorrection2))
-        .f(11, this.eps);
-      const k = cachedKernel(`adamw|${g.dtype}`, () => adamwKernel(g.dtype));
-      gpu.dispatch(
-        k,
-        [p.buffer, g.buffer, s.expAvg.buffer, s.expAvgSq.buffer],
-        u.u32,
-        gridFor(n, OPTIM_WORKGROUP),
-      );
+      if (p.numel > 0) items.push({ p, g, s });
     });
+    // One dispatch per group of parameters with the same step count (the bias corrections) and gradient dtype.
+    const max = segmentsPerDispatch(4, scale ? 1 : 0);
+    for (const group of dispatchGroups(items, max, (it) => `${it.s.step}|${it.g.dtype}`)) {
+      const step = group[0].s.step;
+      // Scalars as torch computes them in Python (double precision), rounded to f32 for the kernel.
+      const biasCorrection1 = 1 - b1 ** step;
+      const biasCorrection2 = 1 - b2 ** step;
+      const u = new UniformWriter(adamwUniformWords(group.length))
+        .f(0, 1 - this.lr * this.weightDecay)
+        .f(1, 1 - b1).f(2, b1).f(3, b2).f(4, 1 - b2)
+        .f(5, this.lr / biasCorrection1)
+        .f(6, Math.sqrt(biasCorrection2))
+        .f(7, this.eps);
+      let start = 0;
+      const buffers: GPUBuffer[] = [];
+      group.forEach(({ p, g, s }, j) => {
+        u.u(8 + 4 * j, p.numel).u(9 + 4 * j, p.offset).u(10 + 4 * j, g.offset).u(11 + 4 * j, start);
+        start += Math.ceil(p.numel / OPTIM_WORKGROUP);
+        buffers.push(p.buffer, g.buffer, s.expAvg.buffer, s.expAvgSq.buffer);
+      });
+      if (scale) buffers.push(scale.buffer);
+      const dtypes = group.map((it) => it.g.dtype);
+      const k = cachedKernel(`adamw|${dtypes.join(",")}|${!!scale}`, () => adamwKernel(dtypes, !!scale));
+      gpu.dispatch(k, buffers, u.u32, gridFor(start * OPTIM_WORKGROUP, OPTIM_WORKGROUP));
+    }
   }
 
   /** Drops every parameter's gradient (PyTorch's default `set_to_none=True`), returning its memory to the pool. */
@@ -492,11 +543,96 @@ export function scaleInPlace(x: Tensor, scalar: Tensor, at = 0): void {
 }
 
 /**
+ * The total L2 norm of the gradients of `params` and torch.nn.utils.clip_grad_norm_'s clipping coefficient
+ * `min(1, maxNorm / (norm + 1e-6))`, both as one-element f32 tensors computed on the GPU (sums of squares for up to
+ * {@linkcode MULTI_MAX_SEGMENTS} gradients per dispatch into one buffer, then a combine); nothing is read back and
+ * no gradient is changed. Pass `coef` to `AdamW.step({ gradScale })` to clip inside the update; dispose both when
+ * done. Parameters without a gradient are ignored.
+ *
+ * @example
+ * ```ts
+ * loss.backward();
+ * const { norm, coef } = clipCoefficient(params, 1.0);
+ * opt.step({ gradScale: coef });
+ * coef.dispose();
+ * if (logNow) console.log("grad norm", await norm.item());
+ * norm.dispose();
+ * ```
+ */
+export function clipCoefficient(params: Tensor[], maxNorm: number): { norm: Tensor; coef: Tensor } {
+  const { norm, coef } = normAndCoefficient("clipCoefficient", params, maxNorm);
+  return { norm, coef };
+}
+
+/** {@linkcode clipCoefficient}, also returning the distinct gradients it summed. */
+function normAndCoefficient(
+  op: string,
+  params: Tensor[],
+  maxNorm: number,
+): { norm: Tensor; coef: Tensor; grads: Tensor[] } {
+  checkNumber(op, "maxNorm", maxNorm, true, "it must be a number");
+  const grads: Tensor[] = [];
+  const seen = new Set<Tensor>();
+  for (const [i, p] of params.entries()) {
+    const g = p.grad;
+    if (!g) continue;
+    g.assertAlive(`${op}: gradient of ${describe(p, i)}`);
+    if (g.dtype !== "f32" && g.dtype !== "f16") {
+      throw new Error(`${op}: gradient of ${describe(p, i)} is ${g.dtype}; gradients are f32 or f16`);
+    }
+    if (!g.isContiguous) throw new Error(`${op}: gradient of ${describe(p, i)} is not row-major`);
+    if (seen.has(g)) continue;
+    seen.add(g);
+    grads.push(g);
+  }
+  const gpu = getGpu();
+  const norm = Tensor.empty([], "f32");
+  const coef = Tensor.empty([], "f32");
+  const slots = grads.reduce((a, g) => a + sumSquaresGroups(g.numel), 0);
+  const partials = Tensor.empty([Math.max(slots, 1)], "f32");
+  try {
+    let slot = 0;
+    for (const group of dispatchGroups(grads, segmentsPerDispatch(1, 1), (g) => g.dtype)) {
+      // Every gradient gets at least one workgroup (an empty one writes a zero partial), so every slot is written.
+      const u = new UniformWriter(sumSquaresUniformWords(group.length)).u(0, slot);
+      let start = 0;
+      group.forEach((g, j) => {
+        const groups = sumSquaresGroups(g.numel);
+        u.u(4 + 4 * j, g.numel).u(5 + 4 * j, g.offset).u(6 + 4 * j, groups).u(7 + 4 * j, start);
+        start += groups;
+      });
+      u.u(1, start);
+      const dtypes = group.map((g) => g.dtype);
+      const k = cachedKernel(`sumsq|${dtypes.join(",")}`, () => sumSquaresKernel(dtypes));
+      gpu.dispatch(
+        k,
+        [...group.map((g) => g.buffer), partials.buffer],
+        u.u32,
+        gridFor(start * OPTIM_WORKGROUP, OPTIM_WORKGROUP),
+      );
+      slot += start;
+    }
+    const combine = cachedKernel("norm_combine", normCombineKernel);
+    const u = new UniformWriter(COMBINE_UNIFORM_WORDS).u(0, slots).f(1, maxNorm);
+    gpu.dispatch(combine, [partials.buffer, norm.buffer, coef.buffer], u.u32, [1]);
+  } catch (e) {
+    norm.dispose();
+    coef.dispose();
+    throw e;
+  } finally {
+    // Returned to the pool only after the recorded work is submitted, so the kernels above still see it.
+    partials.dispose();
+  }
+  return { norm, coef, grads };
+}
+
+/**
  * Clips gradients in place to a total L2 norm of at most `maxNorm`, as torch.nn.utils.clip_grad_norm_: the norm
- * over all gradients together is computed on the GPU (per-tensor sums of squares into one buffer, then a combine),
- * and each gradient is multiplied by `min(1, maxNorm / (norm + 1e-6))` read from that buffer inside the kernel.
- * Nothing is read back. Returns the total norm (before clipping) as a one-element f32 tensor; read it only when
- * logging. Parameters without a gradient are ignored.
+ * over all gradients together ({@linkcode clipCoefficient}), then each gradient multiplied by
+ * `min(1, maxNorm / (norm + 1e-6))` read from a GPU buffer inside the kernel. Nothing is read back. Returns the
+ * total norm (before clipping) as a one-element f32 tensor; read it only when logging. Parameters without a
+ * gradient are ignored. Before `AdamW.step`, `clipCoefficient` + `step({ gradScale })` does the same in fewer
+ * dispatches.
  *
  * @example
  * ```ts
@@ -507,46 +643,13 @@ export function scaleInPlace(x: Tensor, scalar: Tensor, at = 0): void {
  * ```
  */
 export function clipGradNorm(params: Tensor[], maxNorm: number): Tensor {
-  checkNumber("clipGradNorm", "maxNorm", maxNorm, true, "it must be a number");
-  const grads: Tensor[] = [];
-  const seen = new Set<Tensor>();
-  for (const [i, p] of params.entries()) {
-    const g = p.grad;
-    if (!g) continue;
-    g.assertAlive(`clipGradNorm: gradient of ${describe(p, i)}`);
-    if (g.dtype !== "f32" && g.dtype !== "f16") {
-      throw new Error(`clipGradNorm: gradient of ${describe(p, i)} is ${g.dtype}; gradients are f32 or f16`);
-    }
-    if (!g.isContiguous) throw new Error(`clipGradNorm: gradient of ${describe(p, i)} is not row-major`);
-    if (seen.has(g)) continue;
-    seen.add(g);
-    grads.push(g);
-  }
-  const gpu = getGpu();
-  const norm = Tensor.empty([], "f32");
-  const groups = grads.map((g) => sumSquaresGroups(g.numel));
-  const slots = groups.reduce((a, b) => a + b, 0);
-  const partials = Tensor.empty([Math.max(slots, 1)], "f32");
-  const coef = Tensor.empty([], "f32");
+  const { norm, coef, grads } = normAndCoefficient("clipGradNorm", params, maxNorm);
   try {
-    let slot = 0;
-    grads.forEach((g, i) => {
-      const k = cachedKernel(`sumsq|${g.dtype}`, () => sumSquaresKernel(g.dtype));
-      const u = new UniformWriter(SUMSQ_UNIFORM_WORDS).u(0, g.numel).u(1, g.offset).u(2, slot);
-      // Always dispatched (an empty gradient writes a zero partial), so every slot is written.
-      gpu.dispatch(k, [g.buffer, partials.buffer], u.u32, [groups[i]]);
-      slot += groups[i];
-    });
-    const combine = cachedKernel("norm_combine", normCombineKernel);
-    const u = new UniformWriter(COMBINE_UNIFORM_WORDS).u(0, slots).f(1, maxNorm);
-    gpu.dispatch(combine, [partials.buffer, norm.buffer, coef.buffer], u.u32, [1]);
     for (const g of grads) scaleInPlace(g, coef);
   } catch (e) {
     norm.dispose();
     throw e;
   } finally {
-    // Returned to the pool only after the recorded work is submitted, so the kernels above still see them.
-    partials.dispose();
     coef.dispose();
   }
   return norm;

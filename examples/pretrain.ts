@@ -27,7 +27,7 @@ import { parseArgs } from "@std/cli";
 import { fromArray, randn } from "../core/creation.ts";
 import { init } from "../core/mod.ts";
 import { memoryStats } from "../core/memory.ts";
-import { AdamW, clipGradNorm } from "../core/optim.ts";
+import { AdamW, clipCoefficient } from "../core/optim.ts";
 import {
   appendText,
   env,
@@ -276,8 +276,7 @@ async function main(): Promise<void> {
       const { logits, loss } = model.forward(ids, { labels: ids });
       logits.dispose();
       loss!.backward();
-      clipGradNorm(params, 1.0);
-      opt.step();
+      opt.step({ gradScale: clipCoefficient(params, 1.0).coef }); // clip_grad_norm_(1.0) inside the update
       opt.zeroGrad();
       sched.step();
       return loss!.detach().keep();

@@ -20,7 +20,7 @@
  */
 import { getGpu } from "../core/gpu.ts";
 import { memoryStats } from "../core/memory.ts";
-import { AdamW, type AdamWStateDict, clipGradNorm } from "../core/optim.ts";
+import { AdamW, type AdamWStateDict, clipCoefficient } from "../core/optim.ts";
 import { loadSafetensors, saveSafetensors, type TensorToSave } from "../core/safetensors.ts";
 import { constant, cosineWithWarmup, linearWithWarmup, LRScheduler, warmupStepsFromRatio } from "../core/schedule.ts";
 import {
@@ -255,8 +255,8 @@ export class Trainer {
             const d = scaled.detach();
             total = total ? total.add(d) : d;
           }
-          if (cfg.maxGradNorm > 0) clipGradNorm(params, cfg.maxGradNorm);
-          opt.step();
+          // clip_grad_norm_ folded into the update: the coefficient scales the gradients inside AdamW's kernel.
+          opt.step(cfg.maxGradNorm > 0 ? { gradScale: clipCoefficient(params, cfg.maxGradNorm).coef } : {});
           opt.zeroGrad();
           sched.step();
           return total!.keep();

@@ -9,7 +9,7 @@ import { assert, assertAlmostEquals, assertEquals, assertNotEquals, assertThrows
 import { f16ArrayToF32, f32ArrayToF16, roundToF16 } from "../core/half.ts";
 import { fromArray, getGpu, memoryStats, scope, type Tensor, tensor, zeros } from "../mod.ts";
 import { accumulateInto } from "../core/backward.ts";
-import { AdamW, clipGradNorm, scaleInPlace, SGD } from "../core/optim.ts";
+import { AdamW, clipCoefficient, clipGradNorm, scaleInPlace, SGD } from "../core/optim.ts";
 import {
   constant,
   constantWithWarmup,
@@ -152,6 +152,98 @@ test("AdamW matches a float64 torch.optim.AdamW for 20 steps (weight decay, chan
   assert(params.every((p) => p.grad === null));
   opt.dispose();
   release(...params, frozen);
+});
+
+test("AdamW and clipCoefficient batch many parameters per dispatch: 30 parameters, f16 grads, views, a lagging step", async () => {
+  const seed = freshSeed();
+  const count = 30;
+  const shapes = Array.from({ length: count }, (_, i) => (i % 4 === 0 ? [3, 1 + i] : [1 + ((i * 37) % 300)]));
+  // Parameter 0 is a row-major view at an offset (its storage holds a row before it).
+  const host = fromArray(randomArray(numel(shapes[0]) + shapes[0][1], seed + 500), [1 + shapes[0][0], shapes[0][1]])
+    .keep();
+  const params = shapes.map((s, i) =>
+    i === 0 ? host.slice(0, 1).keep() : fromArray(randomArray(numel(s), seed + i), s).keep()
+  );
+  assert(params[0].offset > 0 && params[0].isContiguous);
+  const refs: AdamRefState[] = await Promise.all(params.map(async (p) => ({
+    p: Float64Array.from(await read(p)),
+    m: new Float64Array(p.numel),
+    v: new Float64Array(p.numel),
+    step: 0,
+  })));
+  const h = { lr: 0.02, b1: 0.9, b2: 0.95, eps: 1e-7, wd: 0.05 };
+  const opt = new AdamW(params, { lr: h.lr, betas: [h.b1, h.b2], eps: h.eps, weightDecay: h.wd });
+  const gpu = getGpu();
+  const perDispatch = Math.min(12, Math.floor((gpu.info.maxStorageBuffersPerShaderStage - 1) / 4));
+  for (let step = 0; step < 4; step++) {
+    const grads: Float32Array[] = [];
+    params.forEach((p, i) => {
+      if (i === 5 && step % 2 === 1) return p.zeroGrad(); // skipped: its step count lags behind the others'
+      const dtype = i % 3 === 2 ? "f16" : "f32";
+      let g = randomArray(p.numel, seed + 100 * (step + 1) + i, 0.3);
+      if (dtype === "f16") g = f16ArrayToF32(f32ArrayToF16(g));
+      setGrad(p, g, dtype);
+      grads[i] = g;
+    });
+    // Clip inside the update: the coefficient comes from clipCoefficient, the float64 reference clips first.
+    const { norm, coef } = clipCoefficient(params, 1.5);
+    const d0 = gpu.dispatchCount;
+    opt.step({ gradScale: coef });
+    const dispatches = gpu.dispatchCount - d0;
+    let sq = 0;
+    for (const g of grads) if (g) { for (const x of g) sq += x * x; }
+    const total = Math.sqrt(sq), c = Math.min(1, 1.5 / (total + 1e-6));
+    assertAlmostEquals(await norm.item(), total, 1e-4 * total);
+    params.forEach((_, i) => grads[i] && adamwRef(refs[i], grads[i].map((x) => x * c), h));
+    norm.dispose();
+    coef.dispose();
+    // Groups: same step count and gradient dtype, at most `perDispatch` each.
+    const sizes = new Map<string, number>();
+    params.forEach((_, i) => {
+      if (!grads[i]) return;
+      const key = `${refs[i].step}|${i % 3 === 2 ? "f16" : "f32"}`;
+      sizes.set(key, (sizes.get(key) ?? 0) + 1);
+    });
+    const expected = [...sizes.values()].reduce((a, n) => a + Math.ceil(n / perDispatch), 0);
+    // (The first step also fills each parameter's new state with zeros.)
+    assertEquals(dispatches, expected + (step === 0 ? 2 * count : 0), `dispatches of step ${step}`);
+    assert(expected < count / 2, `${expected} dispatches for ${count} parameters`);
+  }
+  for (const [i, p] of params.entries()) {
+    assertClose(await read(p), refs[i].p, { rtol: 1e-4, atol: 1e-6, label: `parameter ${i}` });
+  }
+  opt.dispose();
+  release(...params);
+  host.dispose();
+});
+
+test("AdamW.step({ gradScale }) equals clipGradNorm then step, and checks its scale", async () => {
+  const seed = freshSeed();
+  const make = () => [fromArray(randomArray(40, seed), [40]).keep(), fromArray(randomArray(7, seed + 1), [7]).keep()];
+  const [a, b] = [make(), make()];
+  const optA = new AdamW(a, { lr: 0.1 }), optB = new AdamW(b, { lr: 0.1 });
+  for (let step = 0; step < 3; step++) {
+    for (const [j, ps] of [a, b].entries()) {
+      ps.forEach((p, i) => setGrad(p, randomArray(p.numel, seed + 10 * step + i, 2)));
+      if (j === 0) {
+        clipGradNorm(ps, 0.5).dispose();
+        optA.step();
+      } else {
+        const { norm, coef } = clipCoefficient(ps, 0.5);
+        optB.step({ gradScale: coef });
+        norm.dispose();
+        coef.dispose();
+      }
+    }
+  }
+  for (let i = 0; i < 2; i++) assertEquals(await read(b[i]), await read(a[i]), `parameter ${i}`);
+  const bad = zeros([2]);
+  const err = assertThrows(() => optB.step({ gradScale: bad }));
+  assert((err as Error).message.includes("one-element f32"), (err as Error).message);
+  bad.dispose();
+  optA.dispose();
+  optB.dispose();
+  release(...a, ...b);
 });
 
 test("AdamW defaults are torch's (betas 0.9/0.999, eps 1e-8, weight decay 0.01)", async () => {

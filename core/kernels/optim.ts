@@ -1,7 +1,8 @@
 /**
- * In-place kernels for optimizers and gradient bookkeeping, one dispatch each: the fused AdamW and SGD steps,
- * `x *= s` with `s` read from a GPU buffer, per-workgroup sums of squares with a combine into an L2 norm and a
- * clipping coefficient, and `dst += src`.
+ * In-place kernels for optimizers and gradient bookkeeping: the fused AdamW step and the per-workgroup sums of squares
+ * for up to {@linkcode MULTI_MAX_SEGMENTS} tensors per dispatch (PyTorch's `foreach` idea: a training step's dozens
+ * of small LoRA tensors cost a few dispatches, not one each), the SGD step, `x *= s` with `s` read from a GPU
+ * buffer, the combine of partial sums into an L2 norm and a clipping coefficient, and `dst += src`.
  *
  * A tensor updated in place is bound once, `read_write` (WebGPU forbids binding one buffer both read-only and
  * writable in a dispatch). f16 tensors updated in place are handled one packed 32-bit word per thread, so no two
@@ -10,12 +11,12 @@
  * @example
  * ```ts
  * import { adamwKernel } from "./optim.ts";
- * const src = adamwKernel("f32"); // bindings: param (rw), grad (r), exp_avg (rw), exp_avg_sq (rw)
+ * const src = adamwKernel(["f32", "f16"]); // per tensor: param (rw), grad (r), exp_avg (rw), exp_avg_sq (rw)
  * ```
  * @module
  */
 import type { DType } from "../dtype.ts";
-import type { KernelSource } from "../gpu.ts";
+import type { BindingKind, KernelSource } from "../gpu.ts";
 import { linearMain, loadF32Fn, PACK_F16, storageDecl, storageType } from "./common.ts";
 
 /** Threads per workgroup of every kernel here. */
@@ -33,44 +34,88 @@ export function sumSquaresGroups(n: number): number {
 }
 
 /**
- * Uniform words of {@linkcode adamwKernel}: u32 `n`, `pOff`, `gOff`, pad; f32 `decay` (1 − lr·wd), `omb1`
- * (1 − β1), `b1`, `b2`, `omb2` (1 − β2), `stepSize` (lr / (1 − β1^t)), `bc2Sqrt` (√(1 − β2^t)), `eps`.
+ * The statement choosing a multi-tensor kernel's segment: workgroup `w` of the dispatch belongs to the last segment
+ * whose first workgroup (`p.seg[i].w`) is at most `w`; `call(i)` runs for it. Segments are in dispatch order.
  */
-export const ADAMW_UNIFORM_WORDS = 12;
+function segmentSwitch(count: number, call: (i: number) => string): string {
+  const lines: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const cond = i + 1 < count ? `if (w < p.seg[${i + 1}].w) ` : "";
+    lines.push(`${i === 0 ? "" : "else "}${cond}{ ${call(i)} }`);
+  }
+  return lines.join("\n  ");
+}
+
+/** The segment count a multi-tensor kernel's uniform block can describe (one `vec4<u32>` each, 256 bytes). */
+export const MULTI_MAX_SEGMENTS = 12;
 
 /**
- * The fused AdamW step of torch.optim.AdamW (single-tensor path), per element:
- * `p ← p·(1 − lr·wd)`; `m ← lerp(m, g, 1 − β1)`; `v ← β2·v + (1 − β2)·g²`;
- * `p ← p − stepSize · m / (√v / √(1 − β2^t) + eps)` with `stepSize = lr / (1 − β1^t)`.
- * Bindings: param f32 (read_write), grad `grad` (read), exp_avg f32 (read_write), exp_avg_sq f32 (read_write).
+ * Uniform words of {@linkcode adamwKernel} for `count` tensors: f32 `decay` (1 − lr·wd), `omb1` (1 − β1), `b1`,
+ * `b2`, `omb2` (1 − β2), `stepSize` (lr / (1 − β1^t)), `bc2Sqrt` (√(1 − β2^t)), `eps`; then per tensor `i` the
+ * u32 words `8 + 4i …`: `n`, `pOff`, `gOff`, and its first workgroup.
  */
-export function adamwKernel(grad: DType): KernelSource {
-  return {
-    name: `adamw_${grad}`,
-    bindings: ["write", "read", "write", "write"],
-    uniforms: true,
-    code: `struct Params { n: u32, pOff: u32, gOff: u32, pad: u32,
-  decay: f32, omb1: f32, b1: f32, b2: f32, omb2: f32, stepSize: f32, bc2Sqrt: f32, eps: f32 }
-@group(0) @binding(0) var<uniform> p: Params;
-${storageDecl(1, "param", "f32", "read_write")}
-${storageDecl(2, "grad", grad, "read")}
-${storageDecl(3, "expAvg", "f32", "read_write")}
-${storageDecl(4, "expAvgSq", "f32", "read_write")}
-${loadF32Fn("ldGrad", "grad", grad)}
-${linearMain(OPTIM_WORKGROUP)}
-  if (t >= p.n) { return; }
-  let g = ldGrad(p.gOff + t);
-  let w = param[p.pOff + t] * p.decay;
+export function adamwUniformWords(count: number): number {
+  return 8 + 4 * count;
+}
+
+/**
+ * The fused AdamW step of torch.optim.AdamW (single-tensor path's arithmetic) for `grads.length` tensors in one
+ * dispatch (torch's `foreach` idea): tensor `i` owns workgroups `[seg[i].w, seg[i+1].w)`, one thread per element:
+ * `g ← g·gradScale`; `p ← p·(1 − lr·wd)`; `m ← lerp(m, g, 1 − β1)`; `v ← β2·v + (1 − β2)·g²`;
+ * `p ← p − stepSize · m / (√v / √(1 − β2^t) + eps)` with `stepSize = lr / (1 − β1^t)`.
+ * Bindings per tensor `i` (from 1 + 4i): param f32 (read_write), grad `grads[i]` (read), exp_avg f32 (read_write),
+ * exp_avg_sq f32 (read_write); last, when `scaled`, `gradScale` f32 (read; element 0 multiplies every gradient,
+ * e.g. a clipping coefficient computed on the GPU). Launch a 2-D grid of at least the segments' total workgroups.
+ */
+export function adamwKernel(grads: DType[], scaled: boolean): KernelSource {
+  const G = grads.length;
+  if (G < 1 || G > MULTI_MAX_SEGMENTS) throw new Error(`adamw: 1 to ${MULTI_MAX_SEGMENTS} tensors, got ${G}`);
+  const decls: string[] = [], fns: string[] = [];
+  grads.forEach((dt, i) => {
+    const b = 1 + 4 * i;
+    decls.push(
+      storageDecl(b, `param${i}`, "f32", "read_write"),
+      storageDecl(b + 1, `grad${i}`, dt, "read"),
+      storageDecl(b + 2, `expAvg${i}`, "f32", "read_write"),
+      storageDecl(b + 3, `expAvgSq${i}`, "f32", "read_write"),
+      loadF32Fn(`ldGrad${i}`, `grad${i}`, dt),
+    );
+    fns.push(`fn step${i}(t: u32, gs: f32) {
+  let s = p.seg[${i}];
+  if (t >= s.x) { return; }
+  let g = ldGrad${i}(s.z + t) * gs;
+  let w = param${i}[s.y + t] * p.decay;
   // exp_avg.lerp_(grad, 1 - beta1), with torch's two-sided lerp formula.
-  let m0 = expAvg[t];
+  let m0 = expAvg${i}[t];
   let m = select(g - (g - m0) * p.b1, m0 + p.omb1 * (g - m0), p.omb1 < 0.5);
   // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-  let v = expAvgSq[t] * p.b2 + p.omb2 * (g * g);
+  let v = expAvgSq${i}[t] * p.b2 + p.omb2 * (g * g);
   // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps); param.addcdiv_(exp_avg, denom, value=-step_size)
   let denom = sqrt(v) / p.bc2Sqrt + p.eps;
-  param[p.pOff + t] = w + (-p.stepSize) * (m / denom);
-  expAvg[t] = m;
-  expAvgSq[t] = v;
+  param${i}[s.y + t] = w + (-p.stepSize) * (m / denom);
+  expAvg${i}[t] = m;
+  expAvgSq${i}[t] = v;
+}`);
+  });
+  return {
+    name: `adamw_${grads.join("_")}${scaled ? "_scaled" : ""}`,
+    bindings: [
+      ...grads.flatMap((): BindingKind[] => ["write", "read", "write", "write"]),
+      ...(scaled ? ["read" as const] : []),
+    ],
+    uniforms: true,
+    code: `struct Params { decay: f32, omb1: f32, b1: f32, b2: f32, omb2: f32, stepSize: f32, bc2Sqrt: f32, eps: f32,
+  seg: array<vec4<u32>, ${G}> }
+@group(0) @binding(0) var<uniform> p: Params;
+${decls.join("\n")}
+${scaled ? storageDecl(1 + 4 * G, "gradScale", "f32", "read") : ""}
+${fns.join("\n")}
+@compute @workgroup_size(${OPTIM_WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) l: u32) {
+  let w = wid.x + wid.y * nwg.x;
+  let gs = ${scaled ? "gradScale[0]" : "1.0"};
+  ${segmentSwitch(G, (i) => `step${i}((w - p.seg[${i}].w) * ${OPTIM_WORKGROUP}u + l, gs);`)}
 }`,
   };
 }
@@ -175,38 +220,59 @@ ${inPlaceMain(dtype)}`,
   };
 }
 
-/** Uniform words of {@linkcode sumSquaresKernel}: u32 `n`, `off`, `slot` (first partial written). */
-export const SUMSQ_UNIFORM_WORDS = 4;
+/**
+ * Uniform words of {@linkcode sumSquaresKernel} for `count` tensors: u32 `slot` (partial written by the dispatch's
+ * workgroup 0), `total` (its workgroups), 2 pad; then per tensor `i` the words `4 + 4i …`: `n`, `off`, `groups`, and
+ * its first workgroup.
+ */
+export function sumSquaresUniformWords(count: number): number {
+  return 4 + 4 * count;
+}
 
 /**
- * Sum of squares of `n` elements of x (from element `off`): workgroup `w` of a 1-D grid of
- * {@linkcode sumSquaresGroups} workgroups strides over the tensor and writes its f32 partial sum to
- * `partials[slot + w]`. Bindings: x (`dtype`, read), partials f32 (read_write).
+ * Sums of squares of `dtypes.length` tensors in one dispatch: tensor `i` owns `seg[i].z` workgroups from
+ * `seg[i].w` ({@linkcode sumSquaresGroups} of its size), which stride over its `n` elements (from element `off`);
+ * workgroup `w` writes its f32 partial sum to `partials[slot + w]`. Bindings: x_i (`dtypes[i]`, read) from 1,
+ * partials f32 (read_write) last.
  */
-export function sumSquaresKernel(dtype: DType): KernelSource {
+export function sumSquaresKernel(dtypes: DType[]): KernelSource {
+  const G = dtypes.length;
+  if (G < 1 || G > MULTI_MAX_SEGMENTS) throw new Error(`sum of squares: 1 to ${MULTI_MAX_SEGMENTS} tensors, got ${G}`);
+  const decls = dtypes.map((dt, i) =>
+    `${storageDecl(1 + i, `x${i}`, dt, "read")}\n${loadF32Fn(`ld${i}`, `x${i}`, dt)}`
+  );
+  const fns = dtypes.map((_, i) =>
+    `fn sumsq${i}(w: u32, l: u32) -> f32 {
+  let s = p.seg[${i}];
+  var acc = 0.0;
+  for (var k = w * ${OPTIM_WORKGROUP}u + l; k < s.x; k += s.z * ${OPTIM_WORKGROUP}u) { let v = ld${i}(s.y + k); acc += v * v; }
+  return acc;
+}`
+  );
   return {
-    name: `sum_squares_${dtype}`,
-    bindings: ["read", "write"],
+    name: `sum_squares_${dtypes.join("_")}`,
+    bindings: [...dtypes.map((): BindingKind => "read"), "write"],
     uniforms: true,
-    code: `struct Params { n: u32, off: u32, slot: u32 }
+    code: `struct Params { slot: u32, total: u32, pad0: u32, pad1: u32, seg: array<vec4<u32>, ${G}> }
 @group(0) @binding(0) var<uniform> p: Params;
-${storageDecl(1, "x", dtype, "read")}
-${storageDecl(2, "partials", "f32", "read_write")}
-${loadF32Fn("ld", "x", dtype)}
+${decls.join("\n")}
+${storageDecl(1 + G, "partials", "f32", "read_write")}
+${fns.join("\n")}
 var<workgroup> sh: array<f32, ${OPTIM_WORKGROUP}>;
 @compute @workgroup_size(${OPTIM_WORKGROUP})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) l: u32) {
-  let stride = nwg.x * ${OPTIM_WORKGROUP}u;
+  let w = wid.x + wid.y * nwg.x;
+  if (w >= p.total) { return; }
   var acc = 0.0;
-  for (var i = wid.x * ${OPTIM_WORKGROUP}u + l; i < p.n; i += stride) { let v = ld(p.off + i); acc += v * v; }
+  ${segmentSwitch(G, (i) => `acc = sumsq${i}(w - p.seg[${i}].w, l);`)}
   sh[l] = acc;
   workgroupBarrier();
   for (var s = ${OPTIM_WORKGROUP / 2}u; s > 0u; s >>= 1u) {
     if (l < s) { sh[l] = sh[l] + sh[l + s]; }
     workgroupBarrier();
   }
-  if (l == 0u) { partials[p.slot + wid.x] = sh[0]; }
+  if (l == 0u) { partials[p.slot + w] = sh[0]; }
 }`,
   };
 }
