@@ -279,3 +279,34 @@ Deno.test("a second backward through an already-consumed graph is a clear error,
   assertThrows(() => h.mul(3).sum().backward(), Error, "already used by an earlier backward()");
   x.zeroGrad();
 });
+
+Deno.test(
+  "x·Wᵀ hands W a row-major gradient Gᵀ·X (computed in W's layout: no copy when it is accumulated)",
+  scoped(async () => {
+    const s = freshSeed();
+    const [rows, inF, outF] = [9, 7, 6];
+    const x = leaf([rows, inF], s, false), w = leaf([outF, inF], s + 1), g = randomArray(rows * outF, s + 2);
+    const gpu = getGpu();
+    const y = x.matmul(w.transpose()), seed = tensor(g, [rows, outF]);
+    const kernels: string[] = [];
+    const dispatch = gpu.dispatch;
+    gpu.dispatch = (k, ...rest) => (kernels.push(k.name), dispatch.call(gpu, k, ...rest));
+    try {
+      y.backward(seed);
+    } finally {
+      gpu.dispatch = dispatch;
+    }
+    assert(w.grad !== null && w.grad.isContiguous && w.grad.offset === 0, "a row-major gradient");
+    assert(kernels.length > 0 && kernels.every((n) => n.startsWith("gemm")), `kernels: ${kernels.join(", ")}`);
+    const xv = await values(x), want: number[] = [];
+    for (let o = 0; o < outF; o++) {
+      for (let i = 0; i < inF; i++) {
+        let acc = 0;
+        for (let r = 0; r < rows; r++) acc += g[r * outF + o] * xv[r * inF + i];
+        want.push(acc);
+      }
+    }
+    assertClose(await values(w.grad), want, { rtol: 1e-5, relToMax: true, label: `dW (seed ${s})` });
+    w.zeroGrad();
+  }),
+);

@@ -580,7 +580,11 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
       ga = sumTo(matmul(g, transpose(sb), { out: a.dtype }), a.shape);
     }
     if (sa) {
-      if (b.ndim === 2) {
+      if (b.ndim === 2 && K > 1 && N > 1 && b.strides[0] === 1 && b.strides[1] === K) {
+        // B is the transposed view of a row-major [N, K] weight (x·Wᵀ): dBᵀ = Gᵀ·A comes out in the weight's own
+        // layout, so the transpose's backward hands W a row-major gradient (no copy when it is accumulated).
+        gb = transpose(matmul(transpose(reshape(g, [-1, N])), reshape(sa, [-1, K]), { out: b.dtype }), 0, 1);
+      } else if (b.ndim === 2) {
         // dB = Σ_batch Aᵀ·G = (A flattened to [rows, K])ᵀ · (G flattened to [rows, N])
         gb = matmul(transpose(reshape(sa, [-1, K])), reshape(g, [-1, N]), { out: b.dtype });
       } else {
