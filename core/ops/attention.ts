@@ -331,7 +331,7 @@ function tilesFor(kind: AttentionKernelKind, D: number, opts: AttentionOptions):
     }
     return { BQ, BK, NT, unroll };
   }
-  return { ...chooseAttentionTiles(kind, D, info.maxComputeWorkgroupStorageSize), unroll };
+  return { ...chooseAttentionTiles(kind, D, info.maxComputeWorkgroupStorageSize, info.isFallback), unroll };
 }
 
 const maskBuf = (m: Tensor | undefined) => (m ? [m.storage.buffer] : []);
