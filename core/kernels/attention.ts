@@ -115,11 +115,15 @@ const CANDIDATES: Record<AttentionKernelKind, [number, number][]> = {
   dkv: [[16, 16], [8, 32], [8, 16], [8, 8], [4, 8], [4, 4]],
 };
 
+/** Threads per attention workgroup on a CPU adapter: one 256-bit SIMD vector of f32 lanes (lavapipe's width). */
+export const CPU_ATTENTION_THREADS = 8;
+
 /**
  * The first of the preferred tile shapes whose workgroup memory fits `maxSharedBytes` (the device's
  * `maxComputeWorkgroupStorageSize`); throws when even 4×4 tiles do not fit (a head size far above 1000). On a CPU
- * adapter (`cpu`), 64 × 64 tiles come first: lavapipe runs a few workgroups at a time and pays for every barrier,
- * and for mini-llama's attention (8 × 8 heads of 8, 48 tokens) forward + backward took 60 ms instead of 73.
+ * adapter (`cpu`) the same tiles run with {@linkcode CPU_ATTENTION_THREADS} threads: lavapipe executes a workgroup
+ * wider than its SIMD width in chunks at every barrier, and mini-llama's attention (8 × 8 heads of 8, 48 tokens)
+ * took 11 ms for forward + backward with [16, 16] tiles and 8 threads, 57 ms with 256 threads.
  */
 export function chooseAttentionTiles(
   kind: AttentionKernelKind,
@@ -127,9 +131,9 @@ export function chooseAttentionTiles(
   maxSharedBytes: number,
   cpu = false,
 ): AttentionTiles {
-  for (const [BQ, BK] of cpu ? [[64, 64], ...CANDIDATES[kind]] : CANDIDATES[kind]) {
+  for (const [BQ, BK] of CANDIDATES[kind]) {
     if (attentionSharedBytes(kind, D, BQ, BK) <= maxSharedBytes) {
-      return { BQ, BK, NT: defaultThreads(BQ, BK), unroll: 4 };
+      return { BQ, BK, NT: cpu ? CPU_ATTENTION_THREADS : defaultThreads(BQ, BK), unroll: 4 };
     }
   }
   throw new Error(
@@ -477,7 +481,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   for (var k0 = 0u; k0 < kEnd; k0 += ${BK}u) {
     workgroupBarrier();
     ${stageRows("KVs", BK, D, NT, "ldk", "kIdx", "k0", "p.S", "hk")}
-    if (tid < ${BK}u) { kOk[tid] = select(0u, 1u, keyOk(b, k0 + tid)); }
+    for (var i = tid; i < ${BK}u; i += ${NT}u) { kOk[i] = select(0u, 1u, keyOk(b, k0 + i)); }
     workgroupBarrier();
     var sc = array<f32, ${S.RR * S.CC}>();
     ${scores}
@@ -786,7 +790,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   for (var k0 = 0u; k0 < kEnd; k0 += ${BK}u) {
     workgroupBarrier();
     ${stageRows("KVs", BK, D, NT, "ldv", "vIdx", "k0", "p.S", "hk")}
-    if (tid < ${BK}u) { kOk[tid] = select(0u, 1u, keyOk(b, k0 + tid)); }
+    for (var i = tid; i < ${BK}u; i += ${NT}u) { kOk[i] = select(0u, 1u, keyOk(b, k0 + i)); }
     workgroupBarrier();
     var dp = array<f32, ${S.RR * S.CC}>();
     ${dpProduct}
@@ -891,7 +895,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   ${mapStart("o", KV)}
   ${stageRows("Ks", BK, D, NT, "ldk", "kIdx", "k0", "p.S", "hk")}
   ${stageRows("Vs", BK, D, NT, "ldv", "vIdx", "k0", "p.S", "hk")}
-  if (tid < ${BK}u) { kOk[tid] = select(0u, 1u, keyOk(b, k0 + tid)); }
+  for (var i = tid; i < ${BK}u; i += ${NT}u) { kOk[i] = select(0u, 1u, keyOk(b, k0 + i)); }
   var dk = array<f32, ${KV.RR * KV.CC}>();
   var dv = array<f32, ${KV.RR * KV.CC}>();
   // With a causal mask, queries before k0 − qoff see none of these keys.
@@ -903,10 +907,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       workgroupBarrier();
       ${stageRows("Qs", BQ, D, NT, "ldq", "qIdx", "q0", "p.T", "h", " * p.scale")}
       ${stageRows("Gs", BQ, D, NT, "ldg", "gIdx", "q0", "p.T", "h")}
-      if (tid < ${BQ}u) {
-        let x = (b * p.H + h) * p.T + min(q0 + tid, p.T - 1u);
-        rowLse[tid] = stats[2u * x];
-        rowD[tid] = stats[2u * x + 1u];
+      for (var i = tid; i < ${BQ}u; i += ${NT}u) {
+        let x = (b * p.H + h) * p.T + min(q0 + i, p.T - 1u);
+        rowLse[i] = stats[2u * x];
+        rowD[i] = stats[2u * x + 1u];
       }
       workgroupBarrier();
       var sc = array<f32, ${S.RR * S.CC}>();
