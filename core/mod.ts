@@ -54,6 +54,7 @@ export {
   embedding,
   type Reduction,
   rmsNorm,
+  type RmsNormOptions,
 } from "./ops/nn.ts";
 export { attention, type AttentionOptions, attentionReference, rope, type RopeOptions } from "./ops/attention.ts";
 export {

@@ -74,13 +74,20 @@ function transposeBack(gT: Float64Array, n: number, rows: number): Float64Array 
  * Runs rmsNorm forward and backward on `shape` and checks both against the float64 reference. `transposed`
  * uploads xᵀ and passes the transposed view, a non-contiguous input.
  */
-async function checkRmsNorm(shape: number[], xType: Float, wType: Float, opts: { transposed?: boolean } = {}) {
+async function checkRmsNorm(
+  shape: number[],
+  xType: Float,
+  wType: Float,
+  opts: { transposed?: boolean; threads?: number } = {},
+) {
   const seed = freshSeed();
   const n = shape[shape.length - 1];
   const numel = shape.reduce((a, d) => a * d, 1);
   const rows = numel / n;
   const eps = 1e-5;
-  const label = `rmsNorm ${shape} x:${xType} w:${wType}${opts.transposed ? " (transposed input)" : ""} seed ${seed}`;
+  const label = `rmsNorm ${shape} x:${xType} w:${wType}${opts.transposed ? " (transposed input)" : ""}${
+    opts.threads ? ` ${opts.threads} threads` : ""
+  } seed ${seed}`;
   const x = rounded(randomArray(numel, seed), xType);
   const w = rounded(randomArray(n, seed + 1, 0.5).map((v) => v + 1), wType);
   const G = rounded(randomArray(numel, seed + 2), "f32");
@@ -89,7 +96,7 @@ async function checkRmsNorm(shape: number[], xType: Float, wType: Float, opts: {
     : upload(x, shape, xType, true);
   const xt = opts.transposed ? leaf.transpose(0, 1) : leaf;
   const wt = upload(w, [n], wType, true);
-  const y = rmsNorm(xt, wt, eps);
+  const y = rmsNorm(xt, wt, eps, { threads: opts.threads });
   assertEquals(y.dtype, xType, `${label}: output dtype`);
   assertEquals([...y.shape], shape, `${label}: output shape`);
   const half = xType === "f16";
@@ -124,6 +131,22 @@ Deno.test("rmsNorm f32: forward and backward on odd shapes, a 3-D input, a trans
 Deno.test("rmsNorm f32: vectorised rows (width 64) and an f16 weight", async () => {
   await checkRmsNorm([9, 64], "f32", "f32");
   await checkRmsNorm([7, 13], "f32", "f16");
+});
+
+Deno.test("rmsNorm with 256, 32 and 2 threads per row (the GPU default, others; CPU adapters use 8)", async () => {
+  for (const threads of [256, 32, 2]) {
+    await checkRmsNorm([7, 13], "f16", "f16", { threads });
+    await checkRmsNorm([9, 64], "f32", "f32", { threads });
+    await checkRmsNorm([5, 300], "f32", "f16", { threads });
+  }
+  assertThrows(
+    () =>
+      rmsNorm(upload(new Float64Array(4), [1, 4], "f32"), upload(new Float64Array(4), [4], "f32"), 1e-6, {
+        threads: 3,
+      }),
+    Error,
+    "power of two",
+  );
 });
 
 Deno.test("rmsNorm f16: Hugging Face's rounding order; odd rows (shared words), even rows, vectorised rows", async () => {

@@ -24,8 +24,19 @@ import type { DType } from "../dtype.ts";
 import type { KernelSource } from "../gpu.ts";
 import { loadF32Fn, PACK_F16, storageDecl } from "./common.ts";
 
-/** Threads per workgroup of the row kernels. */
+/** Threads per workgroup of the row kernels (the default; CPU adapters use {@linkcode CPU_NORM_THREADS}). */
 export const NORM_WORKGROUP = 256;
+
+/** Threads per row on a CPU adapter: one 256-bit SIMD vector of f32 lanes (lavapipe runs wider groups in chunks). */
+export const CPU_NORM_THREADS = 8;
+
+function normThreads(t: number | undefined): number {
+  const W = t ?? NORM_WORKGROUP;
+  if (!Number.isInteger(W) || W < 2 || (W & (W - 1)) !== 0 || W > 1024) {
+    throw new Error(`rmsNorm: threads per row must be a power of two from 2 to 1024, got ${t}`);
+  }
+  return W;
+}
 
 /** Forward variant. The output has x's dtype. */
 export interface RmsNormSpec {
@@ -37,6 +48,8 @@ export interface RmsNormSpec {
   vec: boolean;
   /** f16 output whose rows have an odd length (words shared between rows are updated atomically). */
   oddRows: boolean;
+  /** Threads per row (a power of two ≥ 2; default {@linkcode NORM_WORKGROUP}). */
+  threads?: number;
 }
 
 /** Uniform words of the forward kernel: rows, n, x offset, w offset, eps (f32). */
@@ -59,8 +72,7 @@ function outDecl(binding: number, name: string, dtype: DType, oddRows: boolean):
  * WGSL statements writing one row of `n = p.n` values `val(j)` (j = 0..n−1) to `out` starting at element `ob`,
  * with thread `l` of the workgroup. f16 rows are written a packed word at a time.
  */
-function rowWrite(out: string, dtype: DType, oddRows: boolean): string {
-  const W = NORM_WORKGROUP;
+function rowWrite(out: string, dtype: DType, oddRows: boolean, W: number): string {
   if (dtype !== "f16") return `for (var j = l; j < p.n; j += ${W}u) { ${out}[ob + j] = val(j); }`;
   if (!oddRows) {
     return `let wb = ob >> 1u;
@@ -85,11 +97,11 @@ function rowWrite(out: string, dtype: DType, oddRows: boolean): string {
   }`;
 }
 
-/** Workgroup tree reduction of `acc` (sum) into `result`, all threads. */
-function workgroupSum(result: string): string {
+/** Workgroup tree reduction of `acc` (sum) into `result`, all `W` threads. */
+function workgroupSum(result: string, W: number): string {
   return `sh[l] = acc;
   workgroupBarrier();
-  for (var s = ${NORM_WORKGROUP / 2}u; s > 0u; s >>= 1u) {
+  for (var s = ${W / 2}u; s > 0u; s >>= 1u) {
     if (l < s) { sh[l] = sh[l] + sh[l + s]; }
     workgroupBarrier();
   }
@@ -97,8 +109,7 @@ function workgroupSum(result: string): string {
 }
 
 /** Loader of x: scalar, or through the vector binding `xv`. */
-function xLoader(dtype: DType, vec: boolean): { decl: string; ld: string; sumSq: string } {
-  const W = NORM_WORKGROUP;
+function xLoader(dtype: DType, vec: boolean, W: number): { decl: string; ld: string; sumSq: string } {
   if (!vec) {
     return {
       decl: storageDecl(1, "xb", dtype, "read"),
@@ -133,7 +144,8 @@ function xLoader(dtype: DType, vec: boolean): { decl: string; ld: string; sumSq:
  * per row (`rowGrid(rows)`).
  */
 export function rmsNormKernel(spec: RmsNormSpec): KernelSource {
-  const xl = xLoader(spec.x, spec.vec);
+  const W = normThreads(spec.threads);
+  const xl = xLoader(spec.x, spec.vec, W);
   const round = spec.x === "f16" ? "roundF16" : "";
   const code = `struct Params { rows: u32, n: u32, xoff: u32, woff: u32, eps: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -141,7 +153,7 @@ ${xl.decl}
 ${storageDecl(2, "wb", spec.w, "read")}
 ${outDecl(3, "y", spec.x, spec.oddRows)}
 ${storageDecl(4, "rstd", "f32", "read_write")}
-var<workgroup> sh: array<f32, ${NORM_WORKGROUP}>;
+var<workgroup> sh: array<f32, ${W}>;
 var<private> base: u32;
 var<private> r: f32;
 ${xl.ld}
@@ -149,7 +161,7 @@ ${loadF32Fn("ldw", "wb", spec.w)}
 ${PACK_F16}
 ${ROUND_F16}
 fn val(j: u32) -> f32 { return ldw(p.woff + j) * ${round}(ldx(base + j) * r); }
-@compute @workgroup_size(${NORM_WORKGROUP})
+@compute @workgroup_size(${W})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) l: u32) {
   let row = wid.x + wid.y * nwg.x;
@@ -158,12 +170,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let ob = row * p.n;
   var acc = 0.0;
   ${xl.sumSq}
-  ${workgroupSum("ss")}
+  ${workgroupSum("ss", W)}
   r = inverseSqrt(ss / f32(p.n) + p.eps);
   if (l == 0u) { rstd[row] = r; }
-  ${rowWrite("y", spec.x, spec.oddRows)}
+  ${rowWrite("y", spec.x, spec.oddRows, W)}
 }`;
-  return { name: "rms_norm", code, bindings: ["read", "read", "write", "write"], uniforms: true };
+  return { name: `rms_norm_t${W}`, code, bindings: ["read", "read", "write", "write"], uniforms: true };
 }
 
 /** Backward (dx) variant. dx has x's dtype. */
@@ -176,6 +188,8 @@ export interface RmsNormBackwardSpec {
   g: DType;
   /** f16 dx whose rows have an odd length. */
   oddRows: boolean;
+  /** Threads per row (a power of two ≥ 2; default {@linkcode NORM_WORKGROUP}). */
+  threads?: number;
 }
 
 /** Uniform words of the dx kernel: rows, n, x offset, w offset, g offset. */
@@ -186,6 +200,7 @@ export const RMSNORM_BACKWARD_UNIFORM_WORDS = 8;
  * dx = r·w·g − x·r³·mean(w·g·x).
  */
 export function rmsNormBackwardKernel(spec: RmsNormBackwardSpec): KernelSource {
+  const W = normThreads(spec.threads);
   const code = `struct Params { rows: u32, n: u32, xoff: u32, woff: u32, goff: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 ${storageDecl(1, "xb", spec.x, "read")}
@@ -193,7 +208,7 @@ ${storageDecl(2, "wb", spec.w, "read")}
 ${storageDecl(3, "gb", spec.g, "read")}
 ${storageDecl(4, "rstd", "f32", "read")}
 ${outDecl(5, "dx", spec.x, spec.oddRows)}
-var<workgroup> sh: array<f32, ${NORM_WORKGROUP}>;
+var<workgroup> sh: array<f32, ${W}>;
 var<private> base: u32;
 var<private> gbase: u32;
 var<private> r: f32;
@@ -203,7 +218,7 @@ ${loadF32Fn("ldw", "wb", spec.w)}
 ${loadF32Fn("ldg", "gb", spec.g)}
 ${PACK_F16}
 fn val(j: u32) -> f32 { return r * ldw(p.woff + j) * ldg(gbase + j) - ldx(base + j) * coef; }
-@compute @workgroup_size(${NORM_WORKGROUP})
+@compute @workgroup_size(${W})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) l: u32) {
   let row = wid.x + wid.y * nwg.x;
@@ -213,12 +228,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let ob = row * p.n;
   r = rstd[row];
   var acc = 0.0;
-  for (var j = l; j < p.n; j += ${NORM_WORKGROUP}u) { acc += ldw(p.woff + j) * ldg(gbase + j) * ldx(base + j); }
-  ${workgroupSum("s")}
+  for (var j = l; j < p.n; j += ${W}u) { acc += ldw(p.woff + j) * ldg(gbase + j) * ldx(base + j); }
+  ${workgroupSum("s", W)}
   coef = r * r * r * s / f32(p.n);
-  ${rowWrite("dx", spec.x, spec.oddRows)}
+  ${rowWrite("dx", spec.x, spec.oddRows, W)}
 }`;
-  return { name: "rms_norm_dx", code, bindings: ["read", "read", "read", "read", "write"], uniforms: true };
+  return { name: `rms_norm_dx_t${W}`, code, bindings: ["read", "read", "read", "read", "write"], uniforms: true };
 }
 
 /** Uniform words of the dw kernel: rows, n, x offset, g offset, rows per block, blocks. */

@@ -39,6 +39,8 @@ import {
   type Reduction,
 } from "../kernels/loss.ts";
 import {
+  CPU_NORM_THREADS,
+  NORM_WORKGROUP,
   RMSNORM_BACKWARD_UNIFORM_WORDS,
   RMSNORM_DW_UNIFORM_WORDS,
   RMSNORM_UNIFORM_WORDS,
@@ -92,7 +94,7 @@ function requireFloat(t: Tensor, op: string, what: string): void {
  * const y = rmsNorm(h, w, 1e-6); // [2, 7, 64]
  * ```
  */
-export function rmsNorm(x: Tensor, weight: Tensor, eps: number): Tensor {
+export function rmsNorm(x: Tensor, weight: Tensor, eps: number, opts: RmsNormOptions = {}): Tensor {
   x.assertAlive("rmsNorm");
   weight.assertAlive("rmsNorm");
   requireFloat(x, "rmsNorm", "x");
@@ -114,16 +116,17 @@ export function rmsNorm(x: Tensor, weight: Tensor, eps: number): Tensor {
   if (rows > 0 && n > 0) {
     const vec = vectorRows(xc, n);
     const oddRows = x.dtype === "f16" && n % 2 === 1;
+    const threads = normThreads(opts);
     const k = kernel(
-      `rms|${x.dtype}|${weight.dtype}|${vec}|${oddRows}`,
-      () => rmsNormKernel({ x: x.dtype, w: weight.dtype, vec, oddRows }),
+      `rms|${x.dtype}|${weight.dtype}|${vec}|${oddRows}|${threads}`,
+      () => rmsNormKernel({ x: x.dtype, w: weight.dtype, vec, oddRows, threads }),
     );
     const u = new UniformWriter(RMSNORM_UNIFORM_WORDS).u(0, rows).u(1, n).u(2, xc.offset).u(3, wc.offset).f(4, eps);
     getGpu().dispatch(k, [xc.buffer, wc.buffer, y.buffer, rstd.buffer], u.u32, rowGrid(rows));
   }
   record(y, "rmsNorm", [x, weight], [xc, wc, rstd], (g, [sx, sw, sr], needs) => {
     using gc = contiguous(g);
-    return [needs[0] ? rmsNormDx(sx, sw, gc, sr) : null, needs[1] ? rmsNormDw(sx, gc, sr, sw) : null];
+    return [needs[0] ? rmsNormDx(sx, sw, gc, sr, opts) : null, needs[1] ? rmsNormDw(sx, gc, sr, sw) : null];
   });
   xc.dispose();
   wc.dispose();
@@ -131,16 +134,35 @@ export function rmsNorm(x: Tensor, weight: Tensor, eps: number): Tensor {
   return y;
 }
 
+/**
+ * Options of {@linkcode rmsNorm}.
+ *
+ * @example
+ * ```ts
+ * rmsNorm(h, w, 1e-6, { threads: 32 });
+ * ```
+ */
+export interface RmsNormOptions {
+  /** Advanced: threads per row (a power of two; default 256, or 8 on a CPU adapter, where wide groups run slowly). */
+  threads?: number;
+}
+
+/** Threads per row of the RMSNorm kernels: fewer on a CPU adapter, where wide workgroups run in chunks. */
+function normThreads(opts: RmsNormOptions): number {
+  return opts.threads ?? (getGpu().info.isFallback ? CPU_NORM_THREADS : NORM_WORKGROUP);
+}
+
 /** dx of RMSNorm from row-major x, w, g and the saved per-row rsqrt. */
-function rmsNormDx(x: Tensor, w: Tensor, g: Tensor, rstd: Tensor): Tensor {
+function rmsNormDx(x: Tensor, w: Tensor, g: Tensor, rstd: Tensor, opts: RmsNormOptions): Tensor {
   const n = x.shape[x.ndim - 1];
   const rows = rstd.numel;
   const dx = Tensor.empty(x.shape, x.dtype);
   if (rows === 0 || n === 0) return dx;
   const oddRows = x.dtype === "f16" && n % 2 === 1;
+  const threads = normThreads(opts);
   const k = kernel(
-    `rms_dx|${x.dtype}|${w.dtype}|${g.dtype}|${oddRows}`,
-    () => rmsNormBackwardKernel({ x: x.dtype, w: w.dtype, g: g.dtype, oddRows }),
+    `rms_dx|${x.dtype}|${w.dtype}|${g.dtype}|${oddRows}|${threads}`,
+    () => rmsNormBackwardKernel({ x: x.dtype, w: w.dtype, g: g.dtype, oddRows, threads }),
   );
   const u = new UniformWriter(RMSNORM_BACKWARD_UNIFORM_WORDS)
     .u(0, rows).u(1, n).u(2, x.offset).u(3, w.offset).u(4, g.offset);
