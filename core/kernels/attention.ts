@@ -288,6 +288,11 @@ function forOwned(n: string, m: TileMap, body: (i: number, j: number) => string)
   return out.join("\n  ");
 }
 
+/** Marks which of the BK keys from k0 may be attended (`kOk`), NT threads striding over them. */
+function keyOkLoad(BK: number, NT: number): string {
+  return `for (var i = tid; i < ${BK}u; i += ${NT}u) { kOk[i] = select(0u, 1u, keyOk(b, k0 + i)); }`;
+}
+
 /** Runs `body` for e = tid, tid + NT, … below `total` (a runtime loop: it indexes only workgroup memory). */
 function forStrided(total: number, NT: number, body: string): string {
   return `for (var e = tid; e < ${total}u; e += ${NT}u) {
@@ -481,7 +486,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   for (var k0 = 0u; k0 < kEnd; k0 += ${BK}u) {
     workgroupBarrier();
     ${stageRows("KVs", BK, D, NT, "ldk", "kIdx", "k0", "p.S", "hk")}
-    for (var i = tid; i < ${BK}u; i += ${NT}u) { kOk[i] = select(0u, 1u, keyOk(b, k0 + i)); }
+    ${keyOkLoad(BK, NT)}
     workgroupBarrier();
     var sc = array<f32, ${S.RR * S.CC}>();
     ${scores}
@@ -790,7 +795,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   for (var k0 = 0u; k0 < kEnd; k0 += ${BK}u) {
     workgroupBarrier();
     ${stageRows("KVs", BK, D, NT, "ldv", "vIdx", "k0", "p.S", "hk")}
-    for (var i = tid; i < ${BK}u; i += ${NT}u) { kOk[i] = select(0u, 1u, keyOk(b, k0 + i)); }
+    ${keyOkLoad(BK, NT)}
     workgroupBarrier();
     var dp = array<f32, ${S.RR * S.CC}>();
     ${dpProduct}
@@ -895,7 +900,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   ${mapStart("o", KV)}
   ${stageRows("Ks", BK, D, NT, "ldk", "kIdx", "k0", "p.S", "hk")}
   ${stageRows("Vs", BK, D, NT, "ldv", "vIdx", "k0", "p.S", "hk")}
-  for (var i = tid; i < ${BK}u; i += ${NT}u) { kOk[i] = select(0u, 1u, keyOk(b, k0 + i)); }
+  ${keyOkLoad(BK, NT)}
   var dk = array<f32, ${KV.RR * KV.CC}>();
   var dv = array<f32, ${KV.RR * KV.CC}>();
   // With a causal mask, queries before k0 − qoff see none of these keys.
