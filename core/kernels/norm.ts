@@ -1,7 +1,7 @@
 /**
  * RMSNorm kernels (LLaMA's `LlamaRMSNorm`), computed in f32 whatever the storage dtypes:
  *
- * - forward, one 256-thread workgroup per row: r = rsqrt(mean(x²) + eps), y = w · round(x · r), where `round`
+ * - forward, one workgroup per row (256 threads, or `threads`): r = rsqrt(mean(x²) + eps), y = w · round(x · r), where `round`
  *   rounds to x's dtype (identity for f32, f16 rounding for f16, which is Hugging Face's order of operations:
  *   `weight * (x.float() * rsqrt(var + eps)).to(input_dtype)`); it also writes r per row for the backward pass.
  *   The sum of squares reads vectors (vec4 of f32, or eight packed halves) when the rows are aligned.
@@ -30,7 +30,7 @@ export const NORM_WORKGROUP = 256;
 /** Threads per row on a CPU adapter: one 256-bit SIMD vector of f32 lanes (lavapipe runs wider groups in chunks). */
 export const CPU_NORM_THREADS = 8;
 
-function normThreads(t: number | undefined): number {
+function checkThreads(t: number | undefined): number {
   const W = t ?? NORM_WORKGROUP;
   if (!Number.isInteger(W) || W < 2 || (W & (W - 1)) !== 0 || W > 1024) {
     throw new Error(`rmsNorm: threads per row must be a power of two from 2 to 1024, got ${t}`);
@@ -144,7 +144,7 @@ function xLoader(dtype: DType, vec: boolean, W: number): { decl: string; ld: str
  * per row (`rowGrid(rows)`).
  */
 export function rmsNormKernel(spec: RmsNormSpec): KernelSource {
-  const W = normThreads(spec.threads);
+  const W = checkThreads(spec.threads);
   const xl = xLoader(spec.x, spec.vec, W);
   const round = spec.x === "f16" ? "roundF16" : "";
   const code = `struct Params { rows: u32, n: u32, xoff: u32, woff: u32, eps: f32 }
@@ -200,7 +200,7 @@ export const RMSNORM_BACKWARD_UNIFORM_WORDS = 8;
  * dx = r·w·g − x·r³·mean(w·g·x).
  */
 export function rmsNormBackwardKernel(spec: RmsNormBackwardSpec): KernelSource {
-  const W = normThreads(spec.threads);
+  const W = checkThreads(spec.threads);
   const code = `struct Params { rows: u32, n: u32, xoff: u32, woff: u32, goff: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 ${storageDecl(1, "xb", spec.x, "read")}
