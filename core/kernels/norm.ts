@@ -1,9 +1,10 @@
 /**
  * RMSNorm kernels (LLaMA's `LlamaRMSNorm`), computed in f32 whatever the storage dtypes:
  *
- * - forward, one workgroup per row (256 threads, or `threads`): r = rsqrt(mean(x²) + eps), y = w · round(x · r), where `round`
- *   rounds to x's dtype (identity for f32, f16 rounding for f16, which is Hugging Face's order of operations:
- *   `weight * (x.float() * rsqrt(var + eps)).to(input_dtype)`); it also writes r per row for the backward pass.
+ * - forward, one workgroup per row (256 threads, or `threads`): r = rsqrt(mean(x²) + eps), y = w · round(x · r),
+ *   where `round` rounds to x's dtype (identity for f32, f16 rounding for f16, which is Hugging Face's order of
+ *   operations: `weight * (x.float() * rsqrt(var + eps)).to(input_dtype)`); it also writes r per row for the
+ *   backward pass.
  *   The sum of squares reads vectors (vec4 of f32, or eight packed halves) when the rows are aligned.
  * - backward dx, one workgroup per row: dx = r · w · g − x · r³ · mean(w · g · x).
  * - backward dw, without atomics: thread (block b, column j) sums g · round(x · r) over the rows of block b into

@@ -245,7 +245,10 @@ export function sumSquaresKernel(dtypes: DType[]): KernelSource {
     `fn sumsq${i}(w: u32, l: u32) -> f32 {
   let s = p.seg[${i}];
   var acc = 0.0;
-  for (var k = w * ${OPTIM_WORKGROUP}u + l; k < s.x; k += s.z * ${OPTIM_WORKGROUP}u) { let v = ld${i}(s.y + k); acc += v * v; }
+  for (var k = w * ${OPTIM_WORKGROUP}u + l; k < s.x; k += s.z * ${OPTIM_WORKGROUP}u) {
+    let v = ld${i}(s.y + k);
+    acc += v * v;
+  }
   return acc;
 }`
   );
