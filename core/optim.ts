@@ -5,8 +5,9 @@
  * AdamW's step is one fused kernel for up to 12 parameters (it reads p, g, m, v and writes p, m, v), so the dozens
  * of small LoRA tensors of a model cost a few dispatches, like torch's `foreach` path; SGD's is one per parameter.
  * Step-dependent scalars such as AdamW's bias corrections are computed on the CPU from the step count and passed as
- * uniforms, so a step never reads anything back. Optimizer state is f32 and kept (no `scope` frees it); parameters must be f32
- * (trainable weights are f32 in this project). Parameters whose `grad` is null are skipped, as in PyTorch.
+ * uniforms, so a step never reads anything back. Optimizer state is f32 and kept (no `scope` frees it); parameters
+ * must be f32 (trainable weights are f32 in this project). Parameters whose `grad` is null are skipped, as in
+ * PyTorch.
  *
  * An in-place update is not seen by the autograd graph: step after `backward()`, not between a forward pass and
  * its backward (PyTorch would raise its "modified by an inplace operation" error there).
