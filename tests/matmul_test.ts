@@ -9,7 +9,16 @@ import { assertClose, freshSeed, matmul64, numericalGrad, randomArray, setup } f
 import { roundToF16 } from "../core/half.ts";
 import { fromArray, getGpu, type Tensor, zeros } from "../mod.ts";
 import { Tensor as TensorClass } from "../core/tensor.ts";
-import { chooseGemm, GEMM_TILES, gemmInto, type GemmPlan, GEMV_CONFIGS, matmul, planName } from "../core/ops/matmul.ts";
+import {
+  chooseGemm,
+  CPU_GEMM_TILE,
+  GEMM_TILES,
+  gemmInto,
+  type GemmPlan,
+  GEMV_CONFIGS,
+  matmul,
+  planName,
+} from "../core/ops/matmul.ts";
 import type { TileConfig } from "../core/kernels/matmul.ts";
 
 await setup();
@@ -214,6 +223,9 @@ Deno.test("matmul: every tile config of the chooser, split-K, pipelines, f16 wor
     picks.add(await check({ M, K, N, plan: { kind: "tile", tile }, ...extra }, `tile ${JSON.stringify(tile)}`));
   };
   for (const tile of Object.values(GEMM_TILES)) await run(tile);
+  // the CPU adapters' replacement of large/medium/small, as the base layers use it (f16 x·Wᵀ) and in f32
+  await run(CPU_GEMM_TILE, { da: "f16", db: "f16", tb: true });
+  await run(CPU_GEMM_TILE);
   // each in the orientation and dtype the LoRA shapes use: x·Wᵀ with f16 W, and the weight-gradient Aᵀ·B
   await run(GEMM_TILES.medium, { da: "f32", db: "f16", tb: true });
   await run(GEMM_TILES.thinM16, { ta: true });

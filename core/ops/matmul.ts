@@ -101,6 +101,13 @@ export const GEMM_TILES: Readonly<Record<string, TileConfig>> = {
   thinM64: { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4, pipeline: "double", swizzle: 0 },
 };
 
+/**
+ * The tile a CPU adapter (lavapipe) uses instead of the large, medium and small ones: 64 threads with 8 × 8 outputs
+ * each and no double buffering — lavapipe runs a workgroup in 8-lane SIMD chunks, switching chunks at every barrier,
+ * so fewer threads doing more work each is faster there (mini-llama's [384, 64] × [64, 192] products: ~25 %).
+ */
+export const CPU_GEMM_TILE: TileConfig = { bm: 64, bn: 64, bk: 16, tm: 8, tn: 8, pipeline: "direct", swizzle: 0 };
+
 /** The GEMV configurations the chooser uses (rows of W per workgroup, threads; columns, K slices). */
 export const GEMV_CONFIGS: {
   readonly t: { rowsPerGroup: number; threads: number };
@@ -279,6 +286,10 @@ function runJob(job: Job): GemmPlan {
       plan = { ...plan, tile: { ...GEMM_TILES.small } };
     }
     if (plan.tile.smemF16 && !gpu.info.shaderF16) plan = { ...plan, tile: { ...plan.tile, smemF16: false } };
+    const T = GEMM_TILES;
+    if (!job.plan && gpu.info.isFallback && [T.small, T.medium, T.large].includes(plan.tile)) {
+      plan = { ...plan, tile: CPU_GEMM_TILE };
+    }
   }
   const split = plan.kind === "gemvT" ? 1 : Math.max(1, Math.min(plan.splits ?? 1, K || 1));
   const kChunk = split > 1 ? Math.ceil(K / split / 8) * 8 : Math.max(K, 1);
