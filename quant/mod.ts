@@ -33,6 +33,7 @@ export {
   dequantizeNf4Gpu,
   disposeNf4,
   NF4_ABSMAX_BLOCK_SIZE,
+  NF4_CPU_TILE,
   NF4_GEMV_CONFIG,
   nf4Matmul,
   nf4MatmulInputGrad,

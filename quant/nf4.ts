@@ -508,6 +508,18 @@ export const NF4_GEMV_CONFIG: {
 } = { threads: 256, rowsPerGroup: 8, rowsPerThread: 4 };
 
 /**
+ * The tile a CPU adapter (lavapipe) uses instead of the large, medium and small ones: 64 threads with 8 × 8 outputs
+ * each, single-buffered (lavapipe runs a workgroup in 8-lane SIMD chunks, switching chunks at every barrier); the
+ * dense GEMM does the same (`CPU_GEMM_TILE` in core/ops/matmul.ts).
+ *
+ * @example
+ * ```ts
+ * nf4Matmul(x, q, { plan: { kind: "tile", tile: NF4_CPU_TILE } });
+ * ```
+ */
+export const NF4_CPU_TILE: Nf4Tile = { bm: 64, bn: 64, bk: 16, tm: 8, tn: 8, pipeline: "direct" };
+
+/**
  * The chooser: GEMV for a forward product of at most 4 rows with in-features divisible by 8; otherwise a tile by
  * output shape (M rows, N columns), like core's GEMM chooser.
  *
@@ -620,6 +632,8 @@ function runNf4(
       gpu.dispatch(k, bufs, u.u32, rowGrid(Math.ceil(N / plan.rowsPerGroup)));
     } else {
       let tile = plan.tile;
+      const T = NF4_TILES;
+      if (!forced && gpu.info.isFallback && [T.small, T.medium, T.large].includes(tile)) tile = NF4_CPU_TILE;
       checkNf4Tile(tile);
       if (nf4TileSharedBytes(tile, absmax) > gpu.info.maxComputeWorkgroupStorageSize) {
         if (forced) {

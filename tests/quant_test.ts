@@ -47,6 +47,7 @@ import {
 import {
   dequantizeNf4Gpu,
   disposeNf4,
+  NF4_CPU_TILE,
   nf4Matmul,
   nf4MatmulInputGrad,
   type Nf4Plan,
@@ -342,6 +343,7 @@ Deno.test("NF4 kernels: every tile config, both pipelines, forward and input gra
   const g = randomArray(M * N, seed + 2);
   const tiles: Nf4Tile[] = [
     ...Object.values(NF4_TILES),
+    NF4_CPU_TILE,
     { ...NF4_TILES.small, pipeline: "direct" },
     { ...NF4_TILES.medium, pipeline: "double" },
   ];
