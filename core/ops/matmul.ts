@@ -277,6 +277,10 @@ function runJob(job: Job): GemmPlan {
     throw new Error(`matmul: plan ${planName(plan)} needs M ≤ 4, a row-major A and a B stored [K, N]`);
   }
   if (plan.kind === "tile") {
+    const T = GEMM_TILES;
+    if (!job.plan && gpu.info.isFallback && [T.small, T.medium, T.large].includes(plan.tile)) {
+      plan = { ...plan, tile: CPU_GEMM_TILE };
+    }
     checkTile(plan.tile);
     const limit = gpu.info.maxComputeWorkgroupStorageSize;
     if (tileSharedBytes(plan.tile, dtypeOf(A.t), dtypeOf(B.t)) > limit) {
@@ -286,10 +290,6 @@ function runJob(job: Job): GemmPlan {
       plan = { ...plan, tile: { ...GEMM_TILES.small } };
     }
     if (plan.tile.smemF16 && !gpu.info.shaderF16) plan = { ...plan, tile: { ...plan.tile, smemF16: false } };
-    const T = GEMM_TILES;
-    if (!job.plan && gpu.info.isFallback && [T.small, T.medium, T.large].includes(plan.tile)) {
-      plan = { ...plan, tile: CPU_GEMM_TILE };
-    }
   }
   const split = plan.kind === "gemvT" ? 1 : Math.max(1, Math.min(plan.splits ?? 1, K || 1));
   const kChunk = split > 1 ? Math.ceil(K / split / 8) * 8 : Math.max(K, 1);
